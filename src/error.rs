@@ -1,0 +1,110 @@
+//! Where a failure came from, and the one place it becomes a status code
+//! (pingora's `fail_to_proxy`).
+//!
+//! | error | status |
+//! | --- | --- |
+//! | `Downstream` (bad key, refused method) | 400 / 405 |
+//! | client stopped sending its body | 408 |
+//! | upstream refused, reset or spoke garbage | 502 |
+//! | upstream answered nothing in time | 504 |
+//! | limiter state unavailable under `closed` policy | 503 |
+//! | anything else | 500 |
+//!
+//! Bodies are one short line of text; the details go to the log, once, here.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::key::KeyError;
+
+/// A request that could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request itself is unacceptable.
+    #[error("{0}")]
+    Downstream(#[from] KeyError),
+    /// `CONNECT` and friends: floodgate only talks to its one upstream.
+    #[error("method {0} is not allowed")]
+    MethodNotAllowed(actix_web::http::Method),
+    /// The client sent part of its body and then stopped for too long.
+    #[error("client sent no body bytes for {0:?}")]
+    ClientTimeout(Duration),
+    /// The client's body could not be read (it disconnected, or framed it badly).
+    #[error("reading the request body: {0}")]
+    ClientBody(String),
+    /// The upstream refused the connection, reset it, or answered garbage.
+    #[error("upstream unavailable: {0}")]
+    UpstreamConnect(String),
+    /// The upstream did not answer within the timeout.
+    #[error("upstream timed out after {0:?}")]
+    UpstreamTimeout(Duration),
+    /// Limiter state could not be read and the failure policy is `closed`.
+    #[error("rate limiter unavailable")]
+    LimiterUnavailable { retry_after: Duration },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ResponseError for ProxyError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ProxyError::Downstream(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::LimiterUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        match self {
+            ProxyError::Downstream(_) | ProxyError::MethodNotAllowed(_) => {
+                log::debug!("refused request: {self}")
+            }
+            ProxyError::ClientTimeout(_) | ProxyError::ClientBody(_) => {
+                log::info!("client error: {self}")
+            }
+            _ => log::warn!("{self}; answering {}", status.as_u16()),
+        }
+        let mut res = HttpResponse::build(status);
+        res.insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8"));
+        match self {
+            ProxyError::MethodNotAllowed(_) => {
+                res.insert_header((header::ALLOW, "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"));
+            }
+            ProxyError::LimiterUnavailable { retry_after } => {
+                res.insert_header((
+                    header::RETRY_AFTER,
+                    HeaderValue::from(crate::headers::retry_after_secs(*retry_after)),
+                ));
+            }
+            ProxyError::ClientTimeout(_) | ProxyError::ClientBody(_) => {
+                res.force_close();
+            }
+            _ => {}
+        }
+        res.body(self.client_message())
+    }
+}
+
+impl ProxyError {
+    /// What the client reads: the reason, never internal detail.
+    fn client_message(&self) -> String {
+        match self {
+            ProxyError::Downstream(e) => format!("Bad Request: {e}\n"),
+            ProxyError::MethodNotAllowed(m) => format!("Method Not Allowed: {m}\n"),
+            ProxyError::ClientTimeout(_) => "Request Timeout\n".into(),
+            ProxyError::ClientBody(_) => "Bad Request: unreadable request body\n".into(),
+            ProxyError::UpstreamConnect(_) => "Bad Gateway\n".into(),
+            ProxyError::UpstreamTimeout(_) => "Gateway Timeout\n".into(),
+            ProxyError::LimiterUnavailable { .. } => "Service Unavailable: rate limiter unavailable\n".into(),
+            ProxyError::Internal(_) => "Internal Server Error\n".into(),
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Rate-limit response headers, computed from a [`Decision`] in one place.
+//!
+//! `ietf` follows draft-ietf-httpapi-ratelimit-headers-10:
+//!
+//! ```text
+//! RateLimit-Policy: "default";q=10;w=60
+//! RateLimit: "default";r=9;t=6
+//! ```
+//!
+//! `q` is the rate's count and `w` its period in seconds; `r` is what the key
+//! has left and `t` the seconds until its quota is fully back (rounded up).
+//! `legacy` sends the same numbers as `X-RateLimit-Limit`,
+//! `X-RateLimit-Remaining` and `X-RateLimit-Reset` (delta seconds, not an
+//! epoch). Headers of the same names from the upstream are replaced, so a
+//! client never sees two answers to one question.
+
+use std::fmt::Write as _;
+use std::str::FromStr;
+use std::time::Duration;
+
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+
+use crate::limiter::{Decision, Limit};
+
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Which rate-limit headers responses carry (`FLOODGATE_HEADERS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeaderStyle {
+    #[default]
+    Ietf,
+    Legacy,
+    None,
+}
+
+impl FromStr for HeaderStyle {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "ietf" => Ok(HeaderStyle::Ietf),
+            "legacy" => Ok(HeaderStyle::Legacy),
+            "none" | "off" => Ok(HeaderStyle::None),
+            _ => Err(()),
+        }
+    }
+}
+
+/// The headers for one limit, with the parts that never change built once.
+#[derive(Debug, Clone)]
+pub struct LimitHeaders {
+    style: HeaderStyle,
+    /// `RateLimit-Policy` (ietf) or `X-RateLimit-Limit` (legacy).
+    policy: HeaderValue,
+    /// `"name";` — the start of every `RateLimit` value.
+    item_prefix: String,
+}
+
+impl LimitHeaders {
+    pub fn new(style: HeaderStyle, limit: &Limit) -> Self {
+        let name = sf_string(limit.name());
+        let count = limit.rate().count();
+        let window = whole_seconds(limit.rate().period());
+        let policy = match style {
+            HeaderStyle::Ietf => format!("{name};q={count};w={window}"),
+            HeaderStyle::Legacy | HeaderStyle::None => count.to_string(),
+        };
+        LimitHeaders {
+            style,
+            policy: HeaderValue::try_from(policy).expect("quoted sf-string is a valid header value"),
+            item_prefix: format!("{name};"),
+        }
+    }
+
+    /// Sets this limit's headers for `decision` on a response.
+    pub fn apply(&self, decision: &Decision, headers: &mut HeaderMap) {
+        let remaining = decision.remaining();
+        let reset = whole_seconds(decision.reset_after());
+        match self.style {
+            HeaderStyle::None => {}
+            HeaderStyle::Ietf => {
+                headers.insert(RATELIMIT_POLICY, self.policy.clone());
+                let mut value = String::with_capacity(self.item_prefix.len() + 24);
+                value.push_str(&self.item_prefix);
+                let _ = write!(value, "r={remaining};t={reset}");
+                headers.insert(RATELIMIT, header_value(value));
+            }
+            HeaderStyle::Legacy => {
+                headers.insert(X_RATELIMIT_LIMIT, self.policy.clone());
+                headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
+                headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
+            }
+        }
+        if let Decision::Limited { retry_after, .. } = decision {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+        }
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up and at least 1: a client that
+/// waits exactly this long will find a cell.
+pub fn retry_after_secs(retry_after: Duration) -> u64 {
+    whole_seconds(retry_after).max(1)
+}
+
+/// Seconds, rounded up.
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// An RFC 8941 sf-string: quoted, with `"` and `\` escaped, and anything
+/// outside printable ASCII dropped.
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars().filter(|c| (' '..='~').contains(c)) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+fn header_value(s: String) -> HeaderValue {
+    HeaderValue::try_from(s).expect("built only from an sf-string and digits")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn limit(rate: &str, burst: u32) -> Limit {
+        Limit::new("default", rate.parse().unwrap(), NonZeroU32::new(burst).unwrap())
+    }
+
+    fn render(style: HeaderStyle, limit: &Limit, decision: Decision) -> Vec<(String, String)> {
+        let mut headers = HeaderMap::new();
+        LimitHeaders::new(style, limit).apply(&decision, &mut headers);
+        let mut out: Vec<_> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn ietf_allowed() {
+        let allowed = Decision::Allowed {
+            remaining: 9,
+            reset_after: Duration::from_secs(6),
+        };
+        assert_eq!(
+            render(HeaderStyle::Ietf, &limit("10/min", 10), allowed),
+            pairs(&[
+                ("ratelimit", "\"default\";r=9;t=6"),
+                ("ratelimit-policy", "\"default\";q=10;w=60"),
+            ])
+        );
+    }
+
+    #[test]
+    fn ietf_limited_adds_retry_after_rounded_up() {
+        let limited = Decision::Limited {
+            retry_after: Duration::from_millis(5_001),
+            reset_after: Duration::from_millis(59_001),
+        };
+        assert_eq!(
+            render(HeaderStyle::Ietf, &limit("100/10s", 200), limited),
+            pairs(&[
+                ("ratelimit", "\"default\";r=0;t=60"),
+                ("ratelimit-policy", "\"default\";q=100;w=10"),
+                ("retry-after", "6"),
+            ])
+        );
+    }
+
+    #[test]
+    fn retry_after_is_never_zero() {
+        assert_eq!(retry_after_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(6)), 6);
+    }
+
+    #[test]
+    fn legacy_headers() {
+        let allowed = Decision::Allowed {
+            remaining: 3,
+            reset_after: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            render(HeaderStyle::Legacy, &limit("5/s", 5), allowed),
+            pairs(&[
+                ("x-ratelimit-limit", "5"),
+                ("x-ratelimit-remaining", "3"),
+                ("x-ratelimit-reset", "2"),
+            ])
+        );
+    }
+
+    #[test]
+    fn none_sends_only_retry_after_when_limited() {
+        let allowed = Decision::Allowed {
+            remaining: 3,
+            reset_after: Duration::from_secs(1),
+        };
+        assert!(render(HeaderStyle::None, &limit("5/s", 5), allowed).is_empty());
+        let limited = Decision::Limited {
+            retry_after: Duration::from_millis(200),
+            reset_after: Duration::from_secs(1),
+        };
+        assert_eq!(
+            render(HeaderStyle::None, &limit("5/s", 5), limited),
+            pairs(&[("retry-after", "1")])
+        );
+    }
+
+    #[test]
+    fn policy_names_are_sf_strings() {
+        assert_eq!(sf_string("default"), "\"default\"");
+        assert_eq!(sf_string("a\"b\\c\n"), "\"a\\\"b\\\\c\"");
+    }
+
+    #[test]
+    fn style_parses() {
+        assert_eq!("IETF".parse(), Ok(HeaderStyle::Ietf));
+        assert_eq!("legacy".parse(), Ok(HeaderStyle::Legacy));
+        assert_eq!("none".parse(), Ok(HeaderStyle::None));
+        assert_eq!("draft".parse::<HeaderStyle>(), Err(()));
+    }
+}

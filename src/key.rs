@@ -1,0 +1,418 @@
+//! Who a request is counted against.
+//!
+//! The stock extractors cover what operators configure with `FLOODGATE_KEY`:
+//! the client address ([`ClientIp`], optionally read from `X-Forwarded-For`
+//! set by trusted proxies) and an API-key header ([`HeaderKey`]). Embedders can
+//! implement [`KeyExtractor`] for anything else.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+
+use actix_web::dev::ServiceRequest;
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+use crate::limiter::RateKey;
+
+/// Default IPv6 grouping: one /64 is what a single subscriber usually gets,
+/// so counting per /64 stops a client from rotating through its own addresses.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+/// Derives the [`RateKey`] for a request.
+pub trait KeyExtractor: Send + Sync + 'static {
+    /// Runs once per request, before any backend is asked. An `Err` answers
+    /// the request with `400 Bad Request` and counts against nothing.
+    fn extract(&self, req: &ServiceRequest) -> Result<RateKey, KeyError>;
+}
+
+/// Why no key could be derived. Each is the client's fault (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("the connection has no peer address")]
+    NoPeerAddress,
+    #[error("more than one {0} header: the rate-limit key is ambiguous")]
+    AmbiguousHeader(HeaderName),
+    #[error("the Connection header names {0}, the rate-limit key header")]
+    KeyHeaderInConnection(HeaderName),
+}
+
+impl<T: KeyExtractor + ?Sized> KeyExtractor for Arc<T> {
+    fn extract(&self, req: &ServiceRequest) -> Result<RateKey, KeyError> {
+        (**self).extract(req)
+    }
+}
+
+// === Global ===
+
+/// Every request shares one key: a limit for the whole upstream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Global;
+
+impl KeyExtractor for Global {
+    fn extract(&self, _req: &ServiceRequest) -> Result<RateKey, KeyError> {
+        Ok(RateKey::global())
+    }
+}
+
+// === ClientIp ===
+
+/// The client's address: the TCP peer, or, when the peer is a trusted proxy,
+/// the address that proxy saw, read from `X-Forwarded-For`.
+///
+/// IPv4-mapped IPv6 addresses (`::ffff:192.0.2.1`) count as the IPv4 address,
+/// and IPv6 addresses are grouped by a prefix (default /64).
+///
+/// # Spoofing
+///
+/// `X-Forwarded-For` is whatever the client wrote, plus whatever each proxy
+/// appended. It is read only when the TCP peer is in `trusted`, and then right
+/// to left: the first address that is not itself a trusted proxy is the client.
+/// Taking the leftmost address instead (as some middlewares do) lets any
+/// client pick its own key by sending the header. List only proxies you run.
+#[derive(Debug, Clone)]
+pub struct ClientIp {
+    trusted: Arc<[IpNet]>,
+    ipv6_prefix: u8,
+}
+
+impl Default for ClientIp {
+    fn default() -> Self {
+        ClientIp {
+            trusted: Arc::from(Vec::new()),
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
+        }
+    }
+}
+
+impl ClientIp {
+    /// The TCP peer's address, trusting no proxy.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Believe `X-Forwarded-For` from peers in these networks.
+    pub fn trust(mut self, proxies: impl IntoIterator<Item = IpNet>) -> Self {
+        self.trusted = proxies.into_iter().map(|n| n.trunc()).collect();
+        self
+    }
+
+    /// Group IPv6 clients by this prefix length (0–128).
+    pub fn ipv6_prefix(mut self, prefix: u8) -> Self {
+        self.ipv6_prefix = prefix.min(128);
+        self
+    }
+
+    /// Whether `addr` is a trusted proxy.
+    pub fn is_trusted(&self, addr: IpAddr) -> bool {
+        let addr = canonical(addr);
+        self.trusted.iter().any(|net| net.contains(&addr))
+    }
+
+    /// The client address for a request from `peer` with `headers`, before
+    /// IPv6 grouping.
+    pub fn client_addr(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = canonical(peer);
+        if self.trusted.is_empty() || !self.is_trusted(peer) {
+            return peer;
+        }
+        // Walk every X-Forwarded-For line, right to left. The rightmost entry
+        // was written by our peer, a trusted proxy; each entry left of a
+        // trusted address was written by that trusted proxy too. The first
+        // untrusted address is the client. If the chain runs out (or turns
+        // to garbage) the last address we could believe is used, as nginx's
+        // `real_ip_recursive` does.
+        let lines: Vec<&HeaderValue> = headers.get_all(header::X_FORWARDED_FOR).collect();
+        let mut client = peer;
+        for line in lines.iter().rev() {
+            let Ok(line) = line.to_str() else {
+                return client;
+            };
+            for entry in line.rsplit(',') {
+                let entry = entry.trim();
+                if entry.is_empty() {
+                    continue;
+                }
+                let Some(addr) = parse_forwarded_addr(entry) else {
+                    return client;
+                };
+                client = canonical(addr);
+                if !self.is_trusted(client) {
+                    return client;
+                }
+            }
+        }
+        client
+    }
+
+    /// The key for a client address: IPv6 grouped by the prefix.
+    pub fn key_for(&self, addr: IpAddr) -> RateKey {
+        RateKey::ip(match canonical(addr) {
+            IpAddr::V6(v6) => IpAddr::V6(mask_v6(v6, self.ipv6_prefix)),
+            v4 => v4,
+        })
+    }
+}
+
+impl KeyExtractor for ClientIp {
+    fn extract(&self, req: &ServiceRequest) -> Result<RateKey, KeyError> {
+        let peer = req.peer_addr().ok_or(KeyError::NoPeerAddress)?.ip();
+        Ok(self.key_for(self.client_addr(peer, req.headers())))
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are the IPv4 address.
+pub fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn mask_v6(addr: Ipv6Addr, prefix: u8) -> Ipv6Addr {
+    let bits = u128::from(addr);
+    let mask = match prefix {
+        0 => 0,
+        p if p >= 128 => u128::MAX,
+        p => u128::MAX << (128 - u32::from(p)),
+    };
+    Ipv6Addr::from(bits & mask)
+}
+
+/// An `X-Forwarded-For` entry: `192.0.2.1`, `2001:db8::1`, or with a port
+/// (`192.0.2.1:5555`, `[2001:db8::1]:5555`).
+fn parse_forwarded_addr(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| e.parse().ok())
+        })
+}
+
+// === HeaderKey ===
+
+/// An API key from a request header, e.g. `X-Api-Key`.
+///
+/// Header names are case-insensitive, so `X-API-KEY` and `x-api-key` are the
+/// same header and cannot be used to get a second budget. A request without
+/// the header (or with it empty) is counted by client address instead, using
+/// `fallback`. A request carrying the header twice is refused (400): which of
+/// the two the upstream would authenticate is not ours to guess, and taking
+/// either would let a client pair its real key with a fresh one. So is a
+/// request whose `Connection` header names the key header, which would ask
+/// us to strip the very header we counted.
+#[derive(Debug, Clone)]
+pub struct HeaderKey {
+    name: HeaderName,
+    fallback: ClientIp,
+}
+
+impl HeaderKey {
+    pub fn new(name: HeaderName, fallback: ClientIp) -> Self {
+        HeaderKey { name, fallback }
+    }
+
+    pub fn name(&self) -> &HeaderName {
+        &self.name
+    }
+}
+
+impl KeyExtractor for HeaderKey {
+    fn extract(&self, req: &ServiceRequest) -> Result<RateKey, KeyError> {
+        let headers = req.headers();
+        if connection_names(headers, &self.name) {
+            return Err(KeyError::KeyHeaderInConnection(self.name.clone()));
+        }
+        let mut values = headers.get_all(&self.name);
+        match (values.next(), values.next()) {
+            (Some(_), Some(_)) => Err(KeyError::AmbiguousHeader(self.name.clone())),
+            (Some(value), None) if !value.is_empty() => Ok(RateKey::header(value.clone())),
+            _ => self.fallback.extract(req),
+        }
+    }
+}
+
+/// Whether any `Connection` header lists `name`.
+pub(crate) fn connection_names(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(header::CONNECTION).any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_str().as_bytes()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn xff(lines: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            headers.append(
+                header::X_FORWARDED_FOR,
+                HeaderValue::from_str(line).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn untrusted_peer_is_the_client_whatever_it_claims() {
+        let extractor = ClientIp::new();
+        let got = extractor.client_addr(ip("203.0.113.9"), &xff(&["198.51.100.1"]));
+        assert_eq!(got, ip("203.0.113.9"));
+        let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
+        let got = extractor.client_addr(ip("203.0.113.9"), &xff(&["198.51.100.1"]));
+        assert_eq!(got, ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn trusted_chain_is_walked_right_to_left_over_every_line() {
+        let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
+        // Client wrote a lie; the edge proxy appended the real address; an
+        // inner proxy appended the edge proxy on a second line.
+        let headers = xff(&["1.1.1.1, 203.0.113.7", "10.0.0.2"]);
+        assert_eq!(
+            extractor.client_addr(ip("10.0.0.3"), &headers),
+            ip("203.0.113.7")
+        );
+    }
+
+    #[test]
+    fn all_trusted_chain_yields_the_leftmost_address() {
+        let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
+        let headers = xff(&["10.1.1.1, 10.0.0.2"]);
+        assert_eq!(extractor.client_addr(ip("10.0.0.3"), &headers), ip("10.1.1.1"));
+    }
+
+    #[test]
+    fn garbage_stops_the_walk_at_the_last_believable_address() {
+        let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
+        let headers = xff(&["unknown, 10.0.0.2"]);
+        assert_eq!(extractor.client_addr(ip("10.0.0.3"), &headers), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn forwarded_entries_may_carry_ports() {
+        let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
+        let headers = xff(&["[2001:db8::5]:4711, 192.0.2.8:80"]);
+        assert_eq!(extractor.client_addr(ip("10.0.0.3"), &headers), ip("192.0.2.8"));
+        let headers = xff(&["[2001:db8::5]:4711"]);
+        assert_eq!(
+            extractor.client_addr(ip("10.0.0.3"), &headers),
+            ip("2001:db8::5")
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_ipv4_everywhere() {
+        let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
+        assert!(extractor.is_trusted(ip("::ffff:10.0.0.1")));
+        assert_eq!(
+            extractor.key_for(ip("::ffff:192.0.2.1")),
+            RateKey::ip(ip("192.0.2.1"))
+        );
+    }
+
+    #[test]
+    fn ipv6_is_grouped_by_prefix() {
+        let extractor = ClientIp::new();
+        assert_eq!(
+            extractor.key_for(ip("2001:db8:1:2:aaaa::1")),
+            extractor.key_for(ip("2001:db8:1:2:bbbb::2"))
+        );
+        assert_ne!(
+            extractor.key_for(ip("2001:db8:1:2::1")),
+            extractor.key_for(ip("2001:db8:1:3::1"))
+        );
+        let per_address = ClientIp::new().ipv6_prefix(128);
+        assert_ne!(
+            per_address.key_for(ip("2001:db8:1:2::1")),
+            per_address.key_for(ip("2001:db8:1:2::2"))
+        );
+        assert_eq!(mask_v6("2001:db8::1".parse().unwrap(), 0), Ipv6Addr::UNSPECIFIED);
+    }
+
+    fn header_key() -> HeaderKey {
+        HeaderKey::new(HeaderName::from_static("x-api-key"), ClientIp::new())
+    }
+
+    fn peer() -> std::net::SocketAddr {
+        "192.0.2.50:1234".parse().unwrap()
+    }
+
+    #[test]
+    fn header_key_is_the_value_whatever_the_name_case() {
+        let a = TestRequest::default()
+            .peer_addr(peer())
+            .insert_header(("X-API-KEY", "k1"))
+            .to_srv_request();
+        let b = TestRequest::default()
+            .peer_addr(peer())
+            .insert_header(("x-api-key", "k1"))
+            .to_srv_request();
+        assert_eq!(header_key().extract(&a), header_key().extract(&b));
+        assert_eq!(
+            header_key().extract(&a),
+            Ok(RateKey::header(HeaderValue::from_static("k1")))
+        );
+    }
+
+    #[test]
+    fn missing_or_empty_header_falls_back_to_the_client_address() {
+        let fallback = Ok(RateKey::ip(ip("192.0.2.50")));
+        let none = TestRequest::default().peer_addr(peer()).to_srv_request();
+        assert_eq!(header_key().extract(&none), fallback);
+        let empty = TestRequest::default()
+            .peer_addr(peer())
+            .insert_header(("x-api-key", ""))
+            .to_srv_request();
+        assert_eq!(header_key().extract(&empty), fallback);
+    }
+
+    #[test]
+    fn two_key_headers_are_refused() {
+        let req = TestRequest::default()
+            .peer_addr(peer())
+            .append_header(("x-api-key", "victim"))
+            .append_header(("X-Api-Key", "fresh"))
+            .to_srv_request();
+        assert!(matches!(
+            header_key().extract(&req),
+            Err(KeyError::AmbiguousHeader(_))
+        ));
+    }
+
+    #[test]
+    fn naming_the_key_header_in_connection_is_refused() {
+        let req = TestRequest::default()
+            .peer_addr(peer())
+            .insert_header(("x-api-key", "k1"))
+            .insert_header(("connection", "keep-alive, X-Api-Key"))
+            .to_srv_request();
+        assert!(matches!(
+            header_key().extract(&req),
+            Err(KeyError::KeyHeaderInConnection(_))
+        ));
+    }
+
+    #[test]
+    fn no_peer_address_is_an_error() {
+        let req = TestRequest::default().to_srv_request();
+        assert_eq!(ClientIp::new().extract(&req), Err(KeyError::NoPeerAddress));
+    }
+}

@@ -1,0 +1,326 @@
+//! Limits, the decisions made against them, and the seam behind which limiter
+//! state lives.
+//!
+//! Every backend answers the same question the same way: "may `key` take one
+//! more cell of `limit` now?". They differ only in where the state is kept
+//! (this process's memory, or Redis shared by many replicas), never in the
+//! arithmetic: both run GCRA with the same emission interval and tolerance, so
+//! one conformance suite (`tests/conformance.rs`) holds them to one behaviour.
+//!
+//! A decision is per (limit, key). Today a request is checked against one
+//! limit; rules with several limits each will call [`Backend::check`] once per
+//! limit and combine the [`Decision`]s, which is why a decision carries no
+//! policy details of its own: those come from the [`Limit`].
+
+pub mod memory;
+mod rate;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use actix_web::http::header::HeaderValue;
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use memory::MemoryBackend;
+pub use rate::{Rate, RateError};
+
+// === Limit ===
+
+/// A named limit: a sustained [`Rate`] plus the burst allowed at once.
+///
+/// GCRA view: one cell is emitted every [`emission_interval`](Self::emission_interval)
+/// (`T`), and a key may run ahead of that schedule by `tau = T * (burst - 1)`, so
+/// `burst` cells fit through at once and then one every `T`.
+#[derive(Clone, Debug)]
+pub struct Limit {
+    id: LimitId,
+    name: Arc<str>,
+    rate: Rate,
+    burst: NonZeroU32,
+}
+
+/// Identifies a [`Limit`] within this process; backends index their state by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LimitId(u32);
+
+static NEXT_LIMIT_ID: AtomicU32 = AtomicU32::new(0);
+
+impl Limit {
+    /// A limit named `name` (the policy name shown in `RateLimit-Policy`).
+    pub fn new(name: impl Into<Arc<str>>, rate: Rate, burst: NonZeroU32) -> Self {
+        Limit {
+            id: LimitId(NEXT_LIMIT_ID.fetch_add(1, Ordering::Relaxed)),
+            name: name.into(),
+            rate,
+            burst,
+        }
+    }
+
+    pub fn id(&self) -> LimitId {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    pub fn burst(&self) -> NonZeroU32 {
+        self.burst
+    }
+
+    /// `T`: the time one cell takes to come back.
+    pub fn emission_interval(&self) -> Duration {
+        self.rate.emission_interval()
+    }
+
+    /// `tau`: how far ahead of schedule a key may run (`T * (burst - 1)`).
+    pub fn tolerance(&self) -> Duration {
+        self.emission_interval() * (self.burst.get() - 1)
+    }
+
+    /// The governor quota with the same `T` and burst.
+    pub(crate) fn quota(&self) -> governor::Quota {
+        // `with_period` only fails for a zero period, which `Rate` rules out.
+        governor::Quota::with_period(self.emission_interval())
+            .expect("Rate guarantees a non-zero emission interval")
+            .allow_burst(self.burst)
+    }
+
+    /// Time until a key with `remaining` cells left is back to a full burst.
+    ///
+    /// Exact GCRA state would give `tat - now`, which lies in
+    /// `((burst - remaining - 1) * T, (burst - remaining) * T]`; backends report
+    /// the upper end so that memory and Redis answer alike.
+    pub(crate) fn reset_after(&self, remaining: u32) -> Duration {
+        self.emission_interval() * self.burst.get().saturating_sub(remaining)
+    }
+}
+
+// === Decision ===
+
+/// The answer to one check: a value, not an error (governor's `NotUntil`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The request took a cell.
+    Allowed {
+        /// Cells left for this key right now.
+        remaining: u32,
+        /// Time until the key is back to a full burst.
+        reset_after: Duration,
+    },
+    /// No cell was available; nothing was taken.
+    Limited {
+        /// Time until one cell is available again.
+        retry_after: Duration,
+        /// Time until the key is back to a full burst.
+        reset_after: Duration,
+    },
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allowed { .. })
+    }
+
+    pub fn remaining(&self) -> u32 {
+        match self {
+            Decision::Allowed { remaining, .. } => *remaining,
+            Decision::Limited { .. } => 0,
+        }
+    }
+
+    pub fn reset_after(&self) -> Duration {
+        match self {
+            Decision::Allowed { reset_after, .. } | Decision::Limited { reset_after, .. } => {
+                *reset_after
+            }
+        }
+    }
+}
+
+// === RateKey ===
+
+/// Who a limit is counted against: a client address, an API key, or anything a
+/// custom [`KeyExtractor`](crate::key::KeyExtractor) derives.
+///
+/// The kinds never collide: an API key whose text is `"192.0.2.1"` is a
+/// different key from the client address 192.0.2.1, so nobody can spend
+/// another client's address budget by naming it in a header.
+///
+/// Building a key does not allocate for addresses and header values (a
+/// `HeaderValue` clone shares its bytes).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RateKey(Repr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Repr {
+    Global,
+    Ip(IpAddr),
+    Header(HeaderValue),
+    Bytes(Bytes),
+}
+
+impl RateKey {
+    /// One key shared by every request.
+    pub fn global() -> Self {
+        RateKey(Repr::Global)
+    }
+
+    /// A client address (already grouped, e.g. an IPv6 /64 network address).
+    pub fn ip(addr: IpAddr) -> Self {
+        RateKey(Repr::Ip(addr))
+    }
+
+    /// A header value such as an API key.
+    pub fn header(value: HeaderValue) -> Self {
+        RateKey(Repr::Header(value))
+    }
+
+    /// Arbitrary bytes from a custom extractor.
+    pub fn bytes(value: impl Into<Bytes>) -> Self {
+        RateKey(Repr::Bytes(value.into()))
+    }
+
+    /// A stable, printable identity for shared stores: the same key gives the
+    /// same text on every replica. The kind prefix keeps kinds apart.
+    ///
+    /// Long or non-printable values are not stored as-is: the caller (the
+    /// Redis backend) decides whether to hash them.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48);
+        match &self.0 {
+            Repr::Global => out.extend_from_slice(b"g"),
+            Repr::Ip(ip) => {
+                out.extend_from_slice(b"ip:");
+                out.extend_from_slice(ip.to_string().as_bytes());
+            }
+            Repr::Header(value) => {
+                out.extend_from_slice(b"h:");
+                out.extend_from_slice(value.as_bytes());
+            }
+            Repr::Bytes(bytes) => {
+                out.extend_from_slice(b"b:");
+                out.extend_from_slice(bytes);
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Debug for RateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// For logs: addresses as they are, other keys shortened so a log line never
+/// carries a whole API key.
+impl fmt::Display for RateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Global => f.write_str("global"),
+            Repr::Ip(ip) => write!(f, "ip:{ip}"),
+            Repr::Header(value) => write!(f, "header:{}", Redacted(value.as_bytes())),
+            Repr::Bytes(bytes) => write!(f, "key:{}", Redacted(bytes)),
+        }
+    }
+}
+
+/// The first four bytes of a secret, escaped, then its length.
+struct Redacted<'a>(&'a [u8]);
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = &self.0[..self.0.len().min(4)];
+        write!(f, "{}…({} bytes)", shown.escape_ascii(), self.0.len())
+    }
+}
+
+// === Backend ===
+
+/// Where rate-limit state lives.
+///
+/// Implementations must make [`check`](Self::check) atomic per key: two
+/// concurrent calls must never both take the last cell.
+#[async_trait(?Send)]
+pub trait Backend: Send + Sync {
+    /// Runs once per request and limit, before the request is forwarded.
+    /// Takes one cell of `limit` for `key`, or says when the caller may retry.
+    /// An `Err` means the store could not decide; the caller applies its
+    /// failure policy.
+    async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError>;
+
+    /// Runs periodically (every few seconds) off the request path. Drops keys
+    /// that are indistinguishable from fresh ones. Stores that expire keys
+    /// themselves (Redis `PEXPIRE`) keep this no-op.
+    fn retain_recent(&self) {}
+
+    /// Answers `/readyz`: `Ok` when the backend can decide right now.
+    async fn ready(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// A short name for logs: `memory`, `redis`, …
+    fn kind(&self) -> &'static str;
+}
+
+/// Why a backend could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("limit {0:?} was not registered with this backend")]
+    UnknownLimit(Arc<str>),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(rate: &str, burst: u32) -> Limit {
+        Limit::new(
+            "t",
+            rate.parse().unwrap(),
+            NonZeroU32::new(burst).unwrap(),
+        )
+    }
+
+    #[test]
+    fn ten_per_minute_emits_one_every_six_seconds_and_tolerates_nine_ahead() {
+        let l = limit("10/min", 10);
+        assert_eq!(l.emission_interval(), Duration::from_secs(6));
+        assert_eq!(l.tolerance(), Duration::from_secs(54));
+        assert_eq!(l.reset_after(9), Duration::from_secs(6));
+        assert_eq!(l.reset_after(0), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn key_kinds_never_collide() {
+        let ip = RateKey::ip("192.0.2.1".parse().unwrap());
+        let header = RateKey::header(HeaderValue::from_static("192.0.2.1"));
+        let bytes = RateKey::bytes("192.0.2.1");
+        assert_ne!(ip, header);
+        assert_ne!(header, bytes);
+        assert_ne!(ip.to_bytes(), header.to_bytes());
+        assert_ne!(header.to_bytes(), bytes.to_bytes());
+    }
+
+    #[test]
+    fn display_never_shows_a_whole_api_key() {
+        let key = RateKey::header(HeaderValue::from_static("sk_live_0123456789"));
+        let shown = key.to_string();
+        assert_eq!(shown, "header:sk_l…(18 bytes)");
+        assert!(!shown.contains("0123456789"));
+    }
+}

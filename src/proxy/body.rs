@@ -1,0 +1,237 @@
+//! Body streams with deadlines.
+//!
+//! [`RequestBody`] hands the client's body to awc chunk by chunk, fails it
+//! with [`BodyError::ClientIdle`] when the client stops sending, and records
+//! each hand-over in a [`Progress`], which the upstream deadline watches.
+//! [`ResponseBody`] streams the upstream's body back and fails it when the
+//! upstream stops sending, so the client sees a truncated response (the
+//! connection closes) rather than a hang.
+//!
+//! Timers are armed only when a stream actually has to wait, and re-armed
+//! only after data moved, so a stream that is not polled (because the other
+//! side is applying back-pressure) is never timed out for that.
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use actix_web::rt::time::{Instant, Sleep, sleep_until};
+use bytes::Bytes;
+use futures_util::Stream;
+
+/// Why a body stream ended early.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BodyError {
+    #[error("client sent no body bytes for {0:?}")]
+    ClientIdle(Duration),
+    #[error("{0}")]
+    Client(String),
+    #[error("upstream sent no body bytes for {0:?}")]
+    UpstreamIdle(Duration),
+}
+
+// === Progress ===
+
+/// When the request body last moved, shared by [`RequestBody`] and the
+/// upstream deadline ([`Progress::stalled_for`]) within one request's task.
+#[derive(Clone)]
+pub struct Progress(Rc<ProgressState>);
+
+struct ProgressState {
+    last_moved: Cell<Instant>,
+    waiting_on_client: Cell<bool>,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Progress(Rc::new(ProgressState {
+            last_moved: Cell::new(Instant::now()),
+            waiting_on_client: Cell::new(false),
+        }))
+    }
+
+    fn moved(&self) {
+        self.0.last_moved.set(Instant::now());
+        self.0.waiting_on_client.set(false);
+    }
+
+    fn waiting_on_client(&self) {
+        self.0.waiting_on_client.set(true);
+    }
+
+    /// Completes once the upstream side has made no progress for `timeout`:
+    /// not taken the next body chunk, or, after the whole body, not answered.
+    /// Time spent waiting for the client does not count (the client has its
+    /// own deadline in [`RequestBody`]).
+    ///
+    /// It must be polled in the same task as the request it watches (it is,
+    /// through `select!`), so every wake-up caused by body progress also
+    /// re-checks the deadline here.
+    pub fn stalled_for(self, timeout: Duration) -> Stalled {
+        let deadline = self.0.last_moved.get() + timeout;
+        Stalled {
+            progress: self,
+            timeout,
+            sleep: Box::pin(sleep_until(deadline)),
+            deadline,
+        }
+    }
+}
+
+/// See [`Progress::stalled_for`].
+pub struct Stalled {
+    progress: Progress,
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+    deadline: Instant,
+}
+
+impl Future for Stalled {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.progress.0.waiting_on_client.get() {
+            return Poll::Pending;
+        }
+        let deadline = self.progress.0.last_moved.get() + self.timeout;
+        if deadline != self.deadline {
+            self.deadline = deadline;
+            self.sleep.as_mut().reset(deadline);
+        }
+        self.sleep.as_mut().poll(cx)
+    }
+}
+
+// === RequestBody ===
+
+/// A client's request body on its way to the upstream.
+pub struct RequestBody<S> {
+    inner: S,
+    progress: Progress,
+    idle: Duration,
+    timer: IdleTimer,
+}
+
+impl<S> RequestBody<S> {
+    pub fn new(inner: S, progress: Progress, idle: Duration) -> Self {
+        RequestBody {
+            inner,
+            progress,
+            idle,
+            timer: IdleTimer::default(),
+        }
+    }
+}
+
+impl<S, E> Stream for RequestBody<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.progress.moved();
+                this.timer.disarm();
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(BodyError::Client(err.to_string())))),
+            Poll::Ready(None) => {
+                this.progress.moved();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                this.progress.waiting_on_client();
+                ready!(this.timer.poll_expired(this.idle, cx));
+                Poll::Ready(Some(Err(BodyError::ClientIdle(this.idle))))
+            }
+        }
+    }
+}
+
+// === ResponseBody ===
+
+/// The upstream's response body on its way to the client.
+pub struct ResponseBody<S> {
+    inner: S,
+    idle: Duration,
+    timer: IdleTimer,
+}
+
+impl<S> ResponseBody<S> {
+    pub fn new(inner: S, idle: Duration) -> Self {
+        ResponseBody {
+            inner,
+            idle,
+            timer: IdleTimer::default(),
+        }
+    }
+}
+
+impl<S, E> Stream for ResponseBody<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: Into<Box<dyn std::error::Error>> + std::fmt::Display,
+{
+    type Item = Result<Bytes, Box<dyn std::error::Error>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.timer.disarm();
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                log::warn!("upstream response body failed, closing the client connection: {err}");
+                Poll::Ready(Some(Err(err.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                ready!(this.timer.poll_expired(this.idle, cx));
+                log::warn!(
+                    "upstream sent no body bytes for {:?}, closing the client connection",
+                    this.idle
+                );
+                Poll::Ready(Some(Err(BodyError::UpstreamIdle(this.idle).into())))
+            }
+        }
+    }
+}
+
+// === IdleTimer ===
+
+/// A lazily allocated timer, armed when a stream starts waiting and disarmed
+/// when data moves.
+#[derive(Default)]
+struct IdleTimer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl IdleTimer {
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Ready once `idle` has passed since the stream started waiting.
+    fn poll_expired(&mut self, idle: Duration, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.armed {
+            let deadline = Instant::now() + idle;
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(sleep_until(deadline))),
+            }
+            self.armed = true;
+        }
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}

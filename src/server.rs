@@ -1,0 +1,293 @@
+//! Wiring: settings → backend, middleware and forwarder → two listeners.
+//!
+//! Clients are served on `listen`; `/healthz`, `/readyz` and `/metrics` on
+//! `admin_listen`, a separate server, so client traffic can never reach them.
+//! The backend is built once, here, and shared by every worker.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::http::KeepAlive;
+use actix_web::{App, HttpResponse, HttpServer, web};
+use anyhow::Context as _;
+
+use crate::key::{ClientIp, HeaderKey, KeyExtractor};
+use crate::limiter::{Backend, Limit, MemoryBackend};
+use crate::metrics::Metrics;
+use crate::middleware::RateLimit;
+use crate::proxy::{self, Upstream};
+use crate::settings::{BackendKind, KeyKind, Settings};
+
+/// How often idle keys are dropped from in-memory state.
+pub const RETAIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Client keep-alive, as nginx's `keepalive_timeout` default.
+const KEEP_ALIVE: Duration = Duration::from_secs(75);
+
+/// Everything one floodgate process serves with, built once.
+#[derive(Clone)]
+pub struct Floodgate {
+    pub settings: Settings,
+    pub backend: Arc<dyn Backend>,
+    pub rate_limit: RateLimit,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    draining: Arc<AtomicBool>,
+}
+
+impl Floodgate {
+    /// Builds the backend the settings ask for.
+    pub fn new(settings: Settings) -> anyhow::Result<Self> {
+        let limit = default_limit(&settings);
+        let backend: Arc<dyn Backend> = match settings.backend {
+            BackendKind::Memory => Arc::new(MemoryBackend::new([&limit], settings.max_keys)),
+            BackendKind::Redis => {
+                anyhow::bail!("FLOODGATE_BACKEND=redis: the Redis backend is not built yet")
+            }
+        };
+        Self::with_backend(settings, limit, backend)
+    }
+
+    /// As [`new`](Self::new) with a given backend, which must know `limit`.
+    pub fn with_backend(
+        settings: Settings,
+        limit: Limit,
+        backend: Arc<dyn Backend>,
+    ) -> anyhow::Result<Self> {
+        let upstream = Upstream::new(&settings.upstream)
+            .with_context(|| format!("FLOODGATE_UPSTREAM={}", settings.upstream))?
+            .timeout(settings.upstream_timeout)
+            .client_timeout(settings.client_timeout)
+            .host_header(settings.host_header)
+            .trust(settings.trusted_proxies.iter().copied());
+        let metrics = Arc::new(Metrics::default());
+        let rate_limit = RateLimit::new(backend.clone(), limit)
+            .key(key_extractor(&settings))
+            .headers(settings.headers)
+            .metrics(metrics.clone());
+        Ok(Floodgate {
+            settings,
+            backend,
+            rate_limit,
+            upstream,
+            metrics,
+            draining: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+/// The limit `FLOODGATE_RATE` and `FLOODGATE_BURST` describe.
+pub fn default_limit(settings: &Settings) -> Limit {
+    Limit::new("default", settings.rate, settings.burst)
+}
+
+/// The extractor `FLOODGATE_KEY` describes.
+pub fn key_extractor(settings: &Settings) -> Arc<dyn KeyExtractor> {
+    let ip = ClientIp::new()
+        .trust(settings.trusted_proxies.iter().copied())
+        .ipv6_prefix(settings.ipv6_prefix);
+    match &settings.key {
+        KeyKind::Ip => Arc::new(ip),
+        KeyKind::Header(name) => Arc::new(HeaderKey::new(name.clone(), ip)),
+    }
+}
+
+/// Both listening sockets, bound before anything is served so that a port in
+/// use stops startup with a clear error.
+pub struct Listeners {
+    pub main: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `listen` and `admin_listen`, reporting every failure.
+    pub fn bind(settings: &Settings) -> Result<Self, Vec<String>> {
+        let main = bind_one("FLOODGATE_LISTEN", settings.listen);
+        let admin = bind_one("FLOODGATE_ADMIN_LISTEN", settings.admin_listen);
+        match (main, admin) {
+            (Ok(main), Ok(admin)) => Ok(Listeners { main, admin }),
+            (main, admin) => Err([main.err(), admin.err()].into_iter().flatten().collect()),
+        }
+    }
+}
+
+fn bind_one(var: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).map_err(|e| format!("{var}={addr}: cannot listen: {e}"))
+}
+
+/// The running servers.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    main: Server,
+    admin: Server,
+    floodgate: Floodgate,
+}
+
+/// Starts serving on `listeners`. Must be called within an actix system.
+/// Signals are not handled here; see [`Running::until_signal`].
+pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Running> {
+    let settings = &floodgate.settings;
+    let addr = listeners.main.local_addr().context("reading the listen address")?;
+    let admin_addr = listeners.admin.local_addr().context("reading the admin address")?;
+
+    let rate_limit = floodgate.rate_limit.clone();
+    let upstream = floodgate.upstream.clone();
+    let main = HttpServer::new(move || {
+        App::new()
+            .wrap(rate_limit.clone())
+            .configure(proxy::configure(upstream.clone()))
+    })
+    .workers(settings.workers)
+    .keep_alive(KeepAlive::Timeout(KEEP_ALIVE))
+    .client_request_timeout(settings.client_timeout)
+    .shutdown_timeout(settings.shutdown_timeout.as_secs_f64().ceil() as u64)
+    .disable_signals()
+    .listen(listeners.main)
+    .with_context(|| format!("serving on {addr}"))?
+    .run();
+
+    let admin_state = web::Data::new(floodgate.clone());
+    let admin = HttpServer::new(move || {
+        App::new()
+            .app_data(admin_state.clone())
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics))
+    })
+    .workers(1)
+    .shutdown_timeout(1)
+    .disable_signals()
+    .listen(listeners.admin)
+    .with_context(|| format!("serving admin on {admin_addr}"))?
+    .run();
+
+    let backend = floodgate.backend.clone();
+    actix_web::rt::spawn(async move {
+        let mut ticks = actix_web::rt::time::interval(RETAIN_INTERVAL);
+        loop {
+            ticks.tick().await;
+            backend.retain_recent();
+        }
+    });
+
+    Ok(Running {
+        addr,
+        admin_addr,
+        main,
+        admin,
+        floodgate,
+    })
+}
+
+impl Running {
+    /// Handles to stop the servers from elsewhere (tests).
+    pub fn handles(&self) -> (ServerHandle, ServerHandle) {
+        (self.main.handle(), self.admin.handle())
+    }
+
+    /// Serves until SIGTERM or SIGINT, then shuts down gracefully: `/readyz`
+    /// turns 503, the listener closes, in-flight requests get up to
+    /// `shutdown_timeout` to finish, and the call returns.
+    pub async fn until_signal(self) -> anyhow::Result<()> {
+        let main_handle = self.main.handle();
+        let draining = self.floodgate.draining.clone();
+        let timeout = self.floodgate.settings.shutdown_timeout;
+        actix_web::rt::spawn(async move {
+            let signal = wait_for_signal().await;
+            log::info!("{signal} received: draining, in-flight requests have {timeout:?} to finish");
+            draining.store(true, Ordering::SeqCst);
+            main_handle.stop(true).await;
+        });
+        self.wait().await
+    }
+
+    /// Waits until the client server has stopped, then stops the admin one.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let admin = self.admin.handle();
+        let admin_task = actix_web::rt::spawn(self.admin);
+        let result = self.main.await;
+        admin.stop(false).await;
+        let _ = admin_task.await;
+        result.context("serving clients")
+    }
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        _ => {
+            log::error!("cannot install signal handlers; stop floodgate with SIGKILL");
+            std::future::pending().await
+        }
+    }
+}
+
+// === admin endpoints ===
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+async fn readyz(floodgate: web::Data<Floodgate>) -> HttpResponse {
+    if floodgate.draining.load(Ordering::SeqCst) {
+        return HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body("draining\n");
+    }
+    match floodgate.backend.ready().await {
+        Ok(()) => HttpResponse::Ok().content_type("text/plain").body(format!(
+            "ready: {} backend\n",
+            floodgate.backend.kind()
+        )),
+        Err(err) => HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body(format!("{} backend unavailable: {err}\n", floodgate.backend.kind())),
+    }
+}
+
+async fn metrics(floodgate: web::Data<Floodgate>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(floodgate.metrics.render())
+}
+
+/// `GET path` on a local admin listener, blocking, with short timeouts.
+/// Returns the status code. A wildcard address (`0.0.0.0`, `[::]`) is probed
+/// on loopback.
+pub fn admin_probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let timeout = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut head = [0u8; 64];
+    let mut len = 0;
+    while len < 12 {
+        match stream.read(&mut head[len..])? {
+            0 => break,
+            n => len += n,
+        }
+    }
+    std::str::from_utf8(&head[..len])
+        .ok()
+        .and_then(|h| h.strip_prefix("HTTP/1."))
+        .and_then(|h| h.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
+}

@@ -1,0 +1,784 @@
+//! Settings: built-in defaults < `FLOODGATE_CONFIG` file < `FLOODGATE_*`
+//! environment, every value validated before anything listens.
+//!
+//! The built-in layer is `settings/default.toml`, compiled in, so the file
+//! that documents every key is also the one that defines the defaults and the
+//! two cannot drift. Values are read as text from every layer and parsed here,
+//! so that one run reports every problem at once, each on its own line naming
+//! where the value came from (`FLOODGATE_RATE="10/mn"` or `rate = "10/mn" in
+//! /etc/floodgate.toml`), the value and what is accepted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use actix_web::http::header::HeaderName;
+use config::{Config, Environment, File, FileFormat, Value, ValueKind};
+use ipnet::IpNet;
+
+use crate::headers::HeaderStyle;
+use crate::limiter::Rate;
+use crate::proxy::{HostHeader, Upstream};
+
+/// The shipped, commented defaults (also the lowest settings layer).
+pub const DEFAULT_TOML: &str = include_str!("../settings/default.toml");
+
+/// Environment variables start with this, then the key in upper case.
+pub const ENV_PREFIX: &str = "FLOODGATE_";
+
+/// Names a settings file; not itself a setting.
+pub const CONFIG_VAR: &str = "FLOODGATE_CONFIG";
+
+/// Every settings key.
+pub const KEYS: &[&str] = &[
+    "listen",
+    "upstream",
+    "upstream_timeout",
+    "client_timeout",
+    "host_header",
+    "rate",
+    "burst",
+    "key",
+    "trusted_proxies",
+    "ipv6_prefix",
+    "headers",
+    "max_keys",
+    "backend",
+    "redis_url",
+    "redis_cluster",
+    "redis_prefix",
+    "redis_timeout",
+    "redis_failure",
+    "admin_listen",
+    "workers",
+    "shutdown_timeout",
+];
+
+/// Every environment variable floodgate reads.
+pub fn env_vars() -> impl Iterator<Item = String> {
+    std::iter::once(CONFIG_VAR.to_owned()).chain(KEYS.iter().map(|k| env_name(k)))
+}
+
+fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
+}
+
+/// How requests are counted (`FLOODGATE_KEY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyKind {
+    Ip,
+    Header(HeaderName),
+}
+
+/// Where limiter state lives (`FLOODGATE_BACKEND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Memory,
+    Redis,
+}
+
+/// What happens when Redis cannot decide (`FLOODGATE_REDIS_FAILURE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisFailure {
+    Local,
+    Open,
+    Closed,
+}
+
+/// Redis connection and behaviour (`FLOODGATE_REDIS_*`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub url: String,
+    pub cluster: Vec<String>,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub failure: RedisFailure,
+}
+
+/// Never prints passwords.
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact_url(&self.url))
+            .field(
+                "cluster",
+                &self.cluster.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("failure", &self.failure)
+            .finish()
+    }
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub upstream: String,
+    pub upstream_timeout: Duration,
+    pub client_timeout: Duration,
+    pub host_header: HostHeader,
+    pub rate: Rate,
+    pub burst: NonZeroU32,
+    pub key: KeyKind,
+    pub trusted_proxies: Vec<IpNet>,
+    pub ipv6_prefix: u8,
+    pub headers: HeaderStyle,
+    pub max_keys: usize,
+    pub backend: BackendKind,
+    pub redis: RedisSettings,
+    pub admin_listen: SocketAddr,
+    pub workers: usize,
+    pub shutdown_timeout: Duration,
+    /// The settings file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// Every problem found, one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("\n"))
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+impl Default for Settings {
+    /// The built-in defaults, i.e. `settings/default.toml` with no environment.
+    fn default() -> Self {
+        Settings::load(HashMap::new()).expect("settings/default.toml is valid")
+    }
+}
+
+impl Settings {
+    /// Loads settings from the built-in defaults, the file named by
+    /// `FLOODGATE_CONFIG` and the `FLOODGATE_*` variables in `env`.
+    ///
+    /// `env` is the process environment in production (`std::env::vars()`);
+    /// tests pass their own map, never touching the real one. Variables
+    /// without the prefix are ignored; an unknown `FLOODGATE_*` variable is
+    /// an error, so a typo cannot silently leave a default in force.
+    pub fn load(env: impl IntoIterator<Item = (String, String)>) -> Result<Self, SettingsError> {
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        let mut problems = Vec::new();
+
+        let mut unknown: Vec<&String> = env
+            .keys()
+            .filter(|name| {
+                **name != CONFIG_VAR && !KEYS.contains(&name[ENV_PREFIX.len()..].to_ascii_lowercase().as_str())
+            })
+            .collect();
+        unknown.sort();
+        for name in unknown {
+            problems.push(format!(
+                "{name}: unknown setting; floodgate reads {}",
+                env_vars().collect::<Vec<_>>().join(", ")
+            ));
+        }
+
+        let config_file = env
+            .get(CONFIG_VAR)
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| PathBuf::from(p.trim()));
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = &config_file {
+            match file_format(path) {
+                Ok(format) => {
+                    builder = builder.add_source(File::from(path.as_path()).format(format).required(true))
+                }
+                Err(msg) => {
+                    problems.push(format!("{CONFIG_VAR}={}: {msg}", path.display()));
+                    return Err(SettingsError { problems });
+                }
+            }
+        }
+        let settings_env: config::Map<String, String> = env
+            .iter()
+            .filter(|(name, _)| *name != CONFIG_VAR)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX.trim_end_matches('_'))
+                .ignore_empty(true)
+                .source(Some(settings_env)),
+        );
+        let merged = match builder.build().and_then(|c| config::Source::collect(&c)) {
+            Ok(map) => map,
+            Err(err) => {
+                let which = config_file
+                    .as_ref()
+                    .map_or("settings".to_owned(), |p| format!("{CONFIG_VAR}={}", p.display()));
+                problems.push(format!("{which}: {err}"));
+                return Err(SettingsError { problems });
+            }
+        };
+
+        let mut raw = Raw::new(&merged, &env, config_file.as_deref(), &mut problems);
+        let settings = raw.settings(config_file.clone());
+        let mut problems = raw.problems;
+        match settings {
+            Some(settings) if problems.is_empty() => Ok(settings),
+            _ => {
+                if problems.is_empty() {
+                    problems.push("settings: invalid".into());
+                }
+                Err(SettingsError { problems })
+            }
+        }
+    }
+
+    /// One line with the effective settings, for the startup log. No secrets.
+    pub fn summary(&self) -> String {
+        let key = match &self.key {
+            KeyKind::Ip => "ip".to_owned(),
+            KeyKind::Header(name) => format!("header:{name}"),
+        };
+        let backend = match self.backend {
+            BackendKind::Memory => format!("memory (max {} keys)", self.max_keys),
+            BackendKind::Redis if !self.redis.cluster.is_empty() => format!(
+                "redis cluster {} (timeout {:?}, on failure {:?})",
+                self.redis.cluster.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(","),
+                self.redis.timeout,
+                self.redis.failure
+            ),
+            BackendKind::Redis => format!(
+                "redis {} (timeout {:?}, on failure {:?})",
+                redact_url(&self.redis.url),
+                self.redis.timeout,
+                self.redis.failure
+            ),
+        };
+        let trusted = if self.trusted_proxies.is_empty() {
+            "none".to_owned()
+        } else {
+            self.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+        };
+        format!(
+            "listen={} upstream={} limit={} burst {} key={key} trusted_proxies={trusted} backend={backend} \
+             headers={:?} admin={} workers={} upstream_timeout={:?}",
+            self.listen,
+            self.upstream,
+            self.rate,
+            self.burst,
+            self.headers,
+            self.admin_listen,
+            self.workers,
+            self.upstream_timeout,
+        )
+    }
+}
+
+fn file_format(path: &Path) -> Result<FileFormat, String> {
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("toml") => Ok(FileFormat::Toml),
+        Some("yaml" | "yml") => Ok(FileFormat::Yaml),
+        _ => Err("a settings file must end in .toml, .yaml or .yml".into()),
+    }
+}
+
+// === Raw ===
+
+/// The merged text values, and the problems found parsing them.
+struct Raw<'a> {
+    values: BTreeMap<String, (String, Origin)>,
+    file: Option<&'a Path>,
+    problems: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Env,
+    File,
+    Default,
+}
+
+impl<'a> Raw<'a> {
+    fn new(
+        merged: &config::Map<String, Value>,
+        env: &HashMap<String, String>,
+        file: Option<&'a Path>,
+        problems: &mut Vec<String>,
+    ) -> Self {
+        let mut values = BTreeMap::new();
+        let mut raw_problems = std::mem::take(problems);
+        for (key, value) in merged {
+            let key = key.to_ascii_lowercase();
+            let from_env = env.contains_key(&env_name(&key));
+            let origin = if from_env {
+                Origin::Env
+            } else if value.origin().is_some() {
+                Origin::File
+            } else {
+                Origin::Default
+            };
+            if !KEYS.contains(&key.as_str()) {
+                if origin == Origin::File {
+                    raw_problems.push(format!(
+                        "{key:?} in {}: unknown setting; known keys are {}",
+                        file.map_or("settings".into(), |p| p.display().to_string()),
+                        KEYS.join(", ")
+                    ));
+                }
+                continue;
+            }
+            match text(value) {
+                Some(text) => {
+                    values.insert(key, (text, origin));
+                }
+                None => raw_problems.push(format!(
+                    "{key:?} in {}: expected a string, number or list of strings",
+                    file.map_or("settings".into(), |p| p.display().to_string())
+                )),
+            }
+        }
+        Raw {
+            values,
+            file,
+            problems: raw_problems,
+        }
+    }
+
+    /// The value of `key`, or `None` if unset or empty.
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values
+            .get(key)
+            .map(|(text, _)| text.trim())
+            .filter(|text| !text.is_empty())
+    }
+
+    /// Parses `key` with `parse`, recording a problem on failure.
+    fn parse<T>(&mut self, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        let text = self.get(key)?.to_owned();
+        match parse(&text) {
+            Ok(value) => Some(value),
+            Err(accepted) => {
+                let shown = if key.starts_with("redis") { redact_url(&text) } else { text };
+                let place = self.describe(key, &shown);
+                self.problems.push(format!("{place}: {accepted}"));
+                None
+            }
+        }
+    }
+
+    /// `FLOODGATE_RATE="x"` or `rate = "x" in file`.
+    fn describe(&self, key: &str, shown: &str) -> String {
+        let origin = self.values.get(key).map_or(Origin::Default, |(_, o)| *o);
+        match origin {
+            Origin::Env => format!("{}={shown:?}", env_name(key)),
+            Origin::File => format!(
+                "{key} = {shown:?} in {}",
+                self.file.map_or("settings".into(), |p| p.display().to_string())
+            ),
+            Origin::Default => format!("{key} = {shown:?} (built-in default)"),
+        }
+        .replace("\\\"", "\"")
+    }
+
+    /// A required key (always present through the defaults).
+    fn required<T>(&mut self, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        if self.get(key).is_none() {
+            self.problems.push(format!("{}: must not be empty", env_name(key)));
+            return None;
+        }
+        self.parse(key, parse)
+    }
+
+    fn settings(&mut self, config_file: Option<PathBuf>) -> Option<Settings> {
+        let listen = self.required("listen", parse_addr);
+        let upstream = self.required("upstream", |s| {
+            Upstream::new(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| format!("{e}; expected e.g. http://127.0.0.1:8080"))
+        });
+        let upstream_timeout = self.required("upstream_timeout", parse_duration);
+        let client_timeout = self.required("client_timeout", parse_duration);
+        let host_header = self.required("host_header", |s| match s.to_ascii_lowercase().as_str() {
+            "client" => Ok(HostHeader::Client),
+            "upstream" => Ok(HostHeader::Upstream),
+            _ => Err("expected client or upstream".into()),
+        });
+        let rate = self.required("rate", |s| Rate::from_str(s).map_err(|e| e.to_string()));
+        let burst = match self.get("burst") {
+            None => rate.map(|r| r.count()),
+            Some(_) => self.parse("burst", |s| {
+                s.parse::<NonZeroU32>()
+                    .map_err(|_| format!("expected a whole number from 1 to {}", u32::MAX))
+            }),
+        };
+        let key = self.required("key", parse_key);
+        let trusted_proxies = self.parse("trusted_proxies", parse_cidrs).unwrap_or_default();
+        let ipv6_prefix = self.required("ipv6_prefix", |s| match s.parse::<u8>() {
+            Ok(p) if p <= 128 => Ok(p),
+            _ => Err("expected a prefix length from 0 to 128".into()),
+        });
+        let headers = self.required("headers", |s| {
+            HeaderStyle::from_str(s).map_err(|()| "expected ietf, legacy or none".into())
+        });
+        let max_keys = self.required("max_keys", |s| match s.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err("expected a whole number of at least 1".into()),
+        });
+        let backend = self.required("backend", |s| match s.to_ascii_lowercase().as_str() {
+            "memory" => Ok(BackendKind::Memory),
+            "redis" => Ok(BackendKind::Redis),
+            _ => Err("expected memory or redis".into()),
+        });
+        let redis_url = self.required("redis_url", |s| parse_redis_url(s).map(|()| s.to_owned()));
+        let redis_cluster = self
+            .parse("redis_cluster", |s| {
+                list(s)
+                    .map(|u| parse_redis_url(u).map(|()| u.to_owned()))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap_or_default();
+        let redis_prefix = self.get("redis_prefix").unwrap_or("").to_owned();
+        let redis_timeout = self.required("redis_timeout", parse_duration);
+        let redis_failure = self.required("redis_failure", |s| match s.to_ascii_lowercase().as_str() {
+            "local" => Ok(RedisFailure::Local),
+            "open" => Ok(RedisFailure::Open),
+            "closed" => Ok(RedisFailure::Closed),
+            _ => Err("expected local, open or closed".into()),
+        });
+        let admin_listen = self.required("admin_listen", parse_addr);
+        let workers = match self.get("workers") {
+            None => Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            Some(_) => self.parse("workers", |s| match s.parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => Ok(n),
+                _ => Err("expected a whole number from 1 to 1024".into()),
+            }),
+        };
+        let shutdown_timeout = self.required("shutdown_timeout", parse_duration);
+
+        Some(Settings {
+            listen: listen?,
+            upstream: upstream?,
+            upstream_timeout: upstream_timeout?,
+            client_timeout: client_timeout?,
+            host_header: host_header?,
+            rate: rate?,
+            burst: burst?,
+            key: key?,
+            trusted_proxies,
+            ipv6_prefix: ipv6_prefix?,
+            headers: headers?,
+            max_keys: max_keys?,
+            backend: backend?,
+            redis: RedisSettings {
+                url: redis_url?,
+                cluster: redis_cluster,
+                prefix: redis_prefix,
+                timeout: redis_timeout?,
+                failure: redis_failure?,
+            },
+            admin_listen: admin_listen?,
+            workers: workers?,
+            shutdown_timeout: shutdown_timeout?,
+            config_file,
+        })
+    }
+}
+
+/// A value as text: strings as they are, numbers and booleans printed, lists
+/// joined with commas.
+fn text(value: &Value) -> Option<String> {
+    match &value.kind {
+        ValueKind::Nil => Some(String::new()),
+        ValueKind::Array(items) => items
+            .iter()
+            .map(text)
+            .collect::<Option<Vec<_>>>()
+            .map(|items| items.join(",")),
+        ValueKind::Table(_) => None,
+        _ => value.clone().into_string().ok(),
+    }
+}
+
+fn list(s: &str) -> impl Iterator<Item = &str> {
+    s.split([',', ' ', '\n', '\t']).map(str::trim).filter(|p| !p.is_empty())
+}
+
+// === parsers: Ok(value) or Err(what is accepted) ===
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    match s.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => Ok(addr),
+        _ => Err("expected address:port, e.g. 0.0.0.0:8000 or [::]:8000".into()),
+    }
+}
+
+/// `500ms`, `30s`, `2m`, `1h`; a bare number is seconds. Must be positive.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const ACCEPTED: &str = "expected a positive duration such as 500ms, 30s, 2m or 1h";
+    let s = s.trim();
+    let digits = s.bytes().take_while(|b| b.is_ascii_digit() || *b == b'.').count();
+    let (number, unit) = s.split_at(digits);
+    let number: f64 = number.parse().map_err(|_| ACCEPTED.to_owned())?;
+    let secs = match unit.trim().to_ascii_lowercase().as_str() {
+        "ms" => number / 1000.0,
+        "" | "s" | "sec" => number,
+        "m" | "min" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(ACCEPTED.into()),
+    };
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if !d.is_zero() && d <= Duration::from_secs(7 * 86_400) => Ok(d),
+        _ => Err(ACCEPTED.into()),
+    }
+}
+
+fn parse_key(s: &str) -> Result<KeyKind, String> {
+    const ACCEPTED: &str = "expected ip or header:<name>, e.g. header:x-api-key";
+    if s.eq_ignore_ascii_case("ip") {
+        return Ok(KeyKind::Ip);
+    }
+    let Some(name) = s.strip_prefix("header:").or_else(|| s.strip_prefix("HEADER:")) else {
+        return Err(ACCEPTED.into());
+    };
+    let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| ACCEPTED.to_owned())?;
+    let hop_by_hop = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    if hop_by_hop.contains(&name.as_str()) {
+        return Err(format!("{name} is a hop-by-hop header and cannot be a key; {ACCEPTED}"));
+    }
+    Ok(KeyKind::Header(name))
+}
+
+fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
+    list(s)
+        .map(|part| {
+            part.parse::<IpNet>()
+                .or_else(|_| part.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    format!("{part:?} is not a CIDR; expected a comma-separated list such as 10.0.0.0/8, 192.168.1.1, fd00::/8")
+                })
+        })
+        .collect()
+}
+
+fn parse_redis_url(s: &str) -> Result<(), String> {
+    const ACCEPTED: &str = "expected redis://[user:password@]host:port/db or rediss://…";
+    let lower = s.to_ascii_lowercase();
+    if !(lower.starts_with("redis://") || lower.starts_with("rediss://")) {
+        return Err(ACCEPTED.into());
+    }
+    redis::Client::open(s)
+        .map(|_| ())
+        .map_err(|e| format!("{ACCEPTED} ({})", redact_url(&e.to_string())))
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        Settings::load(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = Settings::default();
+        assert_eq!(s.listen, "0.0.0.0:8000".parse().unwrap());
+        assert_eq!(s.upstream, "http://127.0.0.1:8080");
+        assert_eq!(s.rate, "10/min".parse().unwrap());
+        assert_eq!(s.burst.get(), 10);
+        assert_eq!(s.key, KeyKind::Ip);
+        assert!(s.trusted_proxies.is_empty());
+        assert_eq!(s.ipv6_prefix, 64);
+        assert_eq!(s.headers, HeaderStyle::Ietf);
+        assert_eq!(s.max_keys, 1_000_000);
+        assert_eq!(s.backend, BackendKind::Memory);
+        assert_eq!(s.redis.url, "redis://127.0.0.1:6379/");
+        assert_eq!(s.redis.prefix, "floodgate:");
+        assert_eq!(s.redis.timeout, Duration::from_millis(50));
+        assert_eq!(s.redis.failure, RedisFailure::Local);
+        assert_eq!(s.admin_listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(s.upstream_timeout, Duration::from_secs(30));
+        assert_eq!(s.client_timeout, Duration::from_secs(60));
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
+        assert!(s.workers >= 1);
+        assert_eq!(s.host_header, HostHeader::Client);
+    }
+
+    #[test]
+    fn every_key_is_in_the_shipped_file() {
+        for key in KEYS {
+            assert!(
+                DEFAULT_TOML.lines().any(|l| l.starts_with(&format!("{key} = "))),
+                "settings/default.toml lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let s = load(&[
+            ("FLOODGATE_RATE", "100/10s"),
+            ("FLOODGATE_BURST", "20"),
+            ("FLOODGATE_KEY", "header:X-Api-Key"),
+            ("FLOODGATE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.1"),
+            ("FLOODGATE_UPSTREAM", "http://web:80/"),
+            ("FLOODGATE_WORKERS", "3"),
+            ("UNRELATED", "ignored"),
+        ])
+        .unwrap();
+        assert_eq!(s.rate, "100/10s".parse().unwrap());
+        assert_eq!(s.burst.get(), 20);
+        assert_eq!(s.key, KeyKind::Header(HeaderName::from_static("x-api-key")));
+        assert_eq!(s.trusted_proxies.len(), 2);
+        assert_eq!(s.upstream, "http://web:80/");
+        assert_eq!(s.workers, 3);
+    }
+
+    #[test]
+    fn burst_defaults_to_the_rate_count_and_empty_means_unset() {
+        let s = load(&[("FLOODGATE_RATE", "100/s"), ("FLOODGATE_BURST", "")]).unwrap();
+        assert_eq!(s.burst.get(), 100);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_naming_variable_and_value() {
+        let err = load(&[
+            ("FLOODGATE_RATE", "10/mn"),
+            ("FLOODGATE_BURST", "0"),
+            ("FLOODGATE_UPSTREAM", "ftp://x"),
+            ("FLOODGATE_TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("FLOODGATE_BACKEND", "postgres"),
+            ("FLOODGATE_KEY", "cookie:sid"),
+            ("FLOODGATE_LISTEN", "nowhere"),
+            ("FLOODGATE_RAET", "10/min"),
+        ])
+        .unwrap_err();
+        let lines = &err.problems;
+        assert_eq!(lines.len(), 8, "{err}");
+        let has = |needle: &str| assert!(lines.iter().any(|l| l.contains(needle)), "no {needle:?} in\n{err}");
+        has("FLOODGATE_RATE=\"10/mn\": unknown period unit \"mn\"");
+        has("FLOODGATE_BURST=\"0\": expected a whole number");
+        has("FLOODGATE_UPSTREAM=\"ftp://x\": the scheme must be http");
+        has("FLOODGATE_TRUSTED_PROXIES=\"10.0.0.0/33\"");
+        has("FLOODGATE_BACKEND=\"postgres\": expected memory or redis");
+        has("FLOODGATE_KEY=\"cookie:sid\": expected ip or header:<name>");
+        has("FLOODGATE_LISTEN=\"nowhere\": expected address:port");
+        has("FLOODGATE_RAET: unknown setting");
+    }
+
+    #[test]
+    fn files_layer_between_defaults_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("f.toml");
+        std::fs::write(&toml, "rate = \"5/s\"\nburst = 7\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n").unwrap();
+        let s = load(&[
+            ("FLOODGATE_CONFIG", toml.to_str().unwrap()),
+            ("FLOODGATE_BURST", "9"),
+        ])
+        .unwrap();
+        assert_eq!(s.rate, "5/s".parse().unwrap());
+        assert_eq!(s.burst.get(), 9, "environment wins over the file");
+        assert_eq!(s.trusted_proxies.len(), 2);
+        assert_eq!(s.config_file.as_deref(), Some(toml.as_path()));
+
+        let yaml = dir.path().join("f.yaml");
+        std::fs::write(&yaml, "rate: 3/min\nkey: header:x-api-key\n").unwrap();
+        let s = load(&[("FLOODGATE_CONFIG", yaml.to_str().unwrap())]).unwrap();
+        assert_eq!(s.rate, "3/min".parse().unwrap());
+        assert_eq!(s.burst.get(), 3);
+    }
+
+    #[test]
+    fn file_problems_name_the_file_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("bad.toml");
+        std::fs::write(&toml, "rate = \"fast\"\nraet = \"1/s\"\n").unwrap();
+        let err = load(&[("FLOODGATE_CONFIG", toml.to_str().unwrap())]).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.to_string().contains(&format!("rate = \"fast\" in {}", toml.display())), "{err}");
+        assert!(err.to_string().contains("\"raet\" in"), "{err}");
+    }
+
+    #[test]
+    fn missing_or_malformed_files_are_errors() {
+        let err = load(&[("FLOODGATE_CONFIG", "/nonexistent/floodgate.toml")]).unwrap_err();
+        assert!(err.to_string().starts_with("FLOODGATE_CONFIG=/nonexistent/floodgate.toml"), "{err}");
+        let err = load(&[("FLOODGATE_CONFIG", "/etc/floodgate.ini")]).unwrap_err();
+        assert!(err.to_string().contains(".toml, .yaml or .yml"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("broken.toml");
+        std::fs::write(&toml, "rate = \n").unwrap();
+        assert!(load(&[("FLOODGATE_CONFIG", toml.to_str().unwrap())]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn redis_passwords_never_show() {
+        assert_eq!(redact_url("redis://:hunter2@host:6379/0"), "redis://:***@host:6379/0");
+        assert_eq!(redact_url("rediss://user:hunter2@host"), "rediss://user:***@host");
+        assert_eq!(redact_url("redis://host:6379/"), "redis://host:6379/");
+        let err = load(&[("FLOODGATE_REDIS_URL", "http://:hunter2@host")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let s = load(&[("FLOODGATE_REDIS_URL", "redis://:hunter2@host:6379/0"), ("FLOODGATE_BACKEND", "redis")]).unwrap();
+        assert!(!s.summary().contains("hunter2"));
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn key_header_cannot_be_hop_by_hop() {
+        let err = load(&[("FLOODGATE_KEY", "header:connection")]).unwrap_err();
+        assert!(err.to_string().contains("hop-by-hop"), "{err}");
+    }
+}
