@@ -76,7 +76,10 @@ impl ResponseError for ProxyError {
         res.insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8"));
         match self {
             ProxyError::MethodNotAllowed(_) => {
-                res.insert_header((header::ALLOW, "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"));
+                res.insert_header((
+                    header::ALLOW,
+                    "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE",
+                ));
             }
             ProxyError::LimiterUnavailable { retry_after } => {
                 res.insert_header((
@@ -103,7 +106,9 @@ impl ProxyError {
             ProxyError::ClientBody(_) => "Bad Request: unreadable request body\n".into(),
             ProxyError::UpstreamConnect(_) => "Bad Gateway\n".into(),
             ProxyError::UpstreamTimeout(_) => "Gateway Timeout\n".into(),
-            ProxyError::LimiterUnavailable { .. } => "Service Unavailable: rate limiter unavailable\n".into(),
+            ProxyError::LimiterUnavailable { .. } => {
+                "Service Unavailable: rate limiter unavailable\n".into()
+            }
             ProxyError::Internal(_) => "Internal Server Error\n".into(),
         }
     }

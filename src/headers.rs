@@ -71,7 +71,8 @@ impl LimitHeaders {
         };
         LimitHeaders {
             style,
-            policy: HeaderValue::try_from(policy).expect("quoted sf-string is a valid header value"),
+            policy: HeaderValue::try_from(policy)
+                .expect("quoted sf-string is a valid header value"),
             item_prefix: format!("{name};"),
         }
     }
@@ -96,7 +97,10 @@ impl LimitHeaders {
             }
         }
         if let Decision::Limited { retry_after, .. } = decision {
-            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+            headers.insert(
+                RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*retry_after)),
+            );
         }
     }
 }
@@ -137,7 +141,11 @@ mod tests {
     use std::num::NonZeroU32;
 
     fn limit(rate: &str, burst: u32) -> Limit {
-        Limit::new("default", rate.parse().unwrap(), NonZeroU32::new(burst).unwrap())
+        Limit::new(
+            "default",
+            rate.parse().unwrap(),
+            NonZeroU32::new(burst).unwrap(),
+        )
     }
 
     fn render(style: HeaderStyle, limit: &Limit, decision: Decision) -> Vec<(String, String)> {
@@ -152,7 +160,10 @@ mod tests {
     }
 
     fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
-        items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

@@ -239,10 +239,11 @@ impl KeyExtractor for HeaderKey {
 /// Whether any `Connection` header lists `name`.
 pub(crate) fn connection_names(headers: &HeaderMap, name: &HeaderName) -> bool {
     headers.get_all(header::CONNECTION).any(|value| {
-        value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(name.as_str().as_bytes()))
+        value.as_bytes().split(|&b| b == b',').any(|token| {
+            token
+                .trim_ascii()
+                .eq_ignore_ascii_case(name.as_str().as_bytes())
+        })
     })
 }
 
@@ -296,21 +297,30 @@ mod tests {
     fn all_trusted_chain_yields_the_leftmost_address() {
         let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
         let headers = xff(&["10.1.1.1, 10.0.0.2"]);
-        assert_eq!(extractor.client_addr(ip("10.0.0.3"), &headers), ip("10.1.1.1"));
+        assert_eq!(
+            extractor.client_addr(ip("10.0.0.3"), &headers),
+            ip("10.1.1.1")
+        );
     }
 
     #[test]
     fn garbage_stops_the_walk_at_the_last_believable_address() {
         let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
         let headers = xff(&["unknown, 10.0.0.2"]);
-        assert_eq!(extractor.client_addr(ip("10.0.0.3"), &headers), ip("10.0.0.2"));
+        assert_eq!(
+            extractor.client_addr(ip("10.0.0.3"), &headers),
+            ip("10.0.0.2")
+        );
     }
 
     #[test]
     fn forwarded_entries_may_carry_ports() {
         let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
         let headers = xff(&["[2001:db8::5]:4711, 192.0.2.8:80"]);
-        assert_eq!(extractor.client_addr(ip("10.0.0.3"), &headers), ip("192.0.2.8"));
+        assert_eq!(
+            extractor.client_addr(ip("10.0.0.3"), &headers),
+            ip("192.0.2.8")
+        );
         let headers = xff(&["[2001:db8::5]:4711"]);
         assert_eq!(
             extractor.client_addr(ip("10.0.0.3"), &headers),
@@ -344,7 +354,10 @@ mod tests {
             per_address.key_for(ip("2001:db8:1:2::1")),
             per_address.key_for(ip("2001:db8:1:2::2"))
         );
-        assert_eq!(mask_v6("2001:db8::1".parse().unwrap(), 0), Ipv6Addr::UNSPECIFIED);
+        assert_eq!(
+            mask_v6("2001:db8::1".parse().unwrap(), 0),
+            Ipv6Addr::UNSPECIFIED
+        );
     }
 
     fn header_key() -> HeaderKey {

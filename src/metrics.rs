@@ -119,7 +119,10 @@ mod tests {
         threads.into_iter().for_each(|t| t.join().unwrap());
         metrics.limited.inc();
         let text = metrics.render();
-        assert!(text.contains("floodgate_requests_total{decision=\"allowed\"} 4000\n"), "{text}");
+        assert!(
+            text.contains("floodgate_requests_total{decision=\"allowed\"} 4000\n"),
+            "{text}"
+        );
         assert!(text.contains("floodgate_requests_total{decision=\"limited\"} 1\n"));
         assert!(text.contains("floodgate_backend_errors_total 0\n"));
     }

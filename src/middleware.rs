@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use actix_web::body::{BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
-use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::{Error, HttpResponse, ResponseError};
 use futures_util::future::{LocalBoxFuture, Ready, ready};
 
@@ -233,11 +233,17 @@ where
     config.metrics.backend_errors.inc();
     match config.on_backend_error {
         FailurePolicy::Open => {
-            log::debug!("{} backend failed, letting key={key} through: {err}", config.backend.kind());
+            log::debug!(
+                "{} backend failed, letting key={key} through: {err}",
+                config.backend.kind()
+            );
             Ok(service.call(req).await?.map_into_left_body())
         }
         FailurePolicy::Closed => {
-            log::debug!("{} backend failed, refusing key={key}: {err}", config.backend.kind());
+            log::debug!(
+                "{} backend failed, refusing key={key}: {err}",
+                config.backend.kind()
+            );
             let res = ProxyError::LimiterUnavailable {
                 retry_after: CLOSED_RETRY_AFTER,
             }
@@ -278,7 +284,13 @@ mod tests {
             let res = at::call_service(&app, req).await;
             assert_eq!(res.status(), 200);
             let rl = res.headers().get("ratelimit").unwrap().to_str().unwrap();
-            assert_eq!(rl, format!("\"default\";r={remaining};t={}", if remaining == "1" { 3600 } else { 7200 }));
+            assert_eq!(
+                rl,
+                format!(
+                    "\"default\";r={remaining};t={}",
+                    if remaining == "1" { 3600 } else { 7200 }
+                )
+            );
         }
         let req = at::TestRequest::get().uri("/").peer_addr(peer).to_request();
         let res = at::call_service(&app, req).await;

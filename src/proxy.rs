@@ -256,7 +256,11 @@ pub async fn forward(
         deadline(send, upstream.timeout, None).await
     } else {
         let progress = Progress::new();
-        let body = RequestBody::new(payload.into_inner(), progress.clone(), upstream.client_timeout);
+        let body = RequestBody::new(
+            payload.into_inner(),
+            progress.clone(),
+            upstream.client_timeout,
+        );
         let send = match body_len {
             Some(len) => request.send_body(SizedStream::new(len, body)),
             None => request.send_body(BodyStream::new(body)),
@@ -305,11 +309,7 @@ fn upstream_error(err: SendRequestError, timeout: Duration) -> ProxyError {
 }
 
 /// The client's answer: the upstream's status, end-to-end headers and body.
-fn respond(
-    req: &HttpRequest,
-    response: awc::ClientResponse,
-    timeout: Duration,
-) -> HttpResponse {
+fn respond(req: &HttpRequest, response: awc::ClientResponse, timeout: Duration) -> HttpResponse {
     let status = response.status();
     let mut headers = response.headers().clone();
     strip_hop_by_hop(&mut headers, false);
@@ -391,7 +391,10 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     let upgrade = headers
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")));
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        });
     upgrade
         && headers
             .get_all(header::CONNECTION)
@@ -451,12 +454,30 @@ mod tests {
     fn upstream_urls() {
         assert!(Upstream::new("http://127.0.0.1:8080").is_ok());
         assert!(Upstream::new("http://web:80/").is_ok());
-        assert_eq!(Upstream::new("https://web").unwrap_err(), UpstreamUrlError::Scheme);
-        assert_eq!(Upstream::new("ftp://web").unwrap_err(), UpstreamUrlError::Scheme);
-        assert_eq!(Upstream::new("http://web/api").unwrap_err(), UpstreamUrlError::Path);
-        assert_eq!(Upstream::new("http://u:p@web").unwrap_err(), UpstreamUrlError::Path);
-        assert_eq!(Upstream::new("web:8080").unwrap_err(), UpstreamUrlError::Syntax);
-        assert_eq!(Upstream::new("not a url").unwrap_err(), UpstreamUrlError::Syntax);
+        assert_eq!(
+            Upstream::new("https://web").unwrap_err(),
+            UpstreamUrlError::Scheme
+        );
+        assert_eq!(
+            Upstream::new("ftp://web").unwrap_err(),
+            UpstreamUrlError::Scheme
+        );
+        assert_eq!(
+            Upstream::new("http://web/api").unwrap_err(),
+            UpstreamUrlError::Path
+        );
+        assert_eq!(
+            Upstream::new("http://u:p@web").unwrap_err(),
+            UpstreamUrlError::Path
+        );
+        assert_eq!(
+            Upstream::new("web:8080").unwrap_err(),
+            UpstreamUrlError::Syntax
+        );
+        assert_eq!(
+            Upstream::new("not a url").unwrap_err(),
+            UpstreamUrlError::Syntax
+        );
     }
 
     #[test]
@@ -465,12 +486,19 @@ mod tests {
         for (target, expected) in [
             ("/a?b=c", "http://127.0.0.1:8080/a?b=c"),
             ("http://elsewhere.example/x?y", "http://127.0.0.1:8080/x?y"),
-            ("//evil.example/path", "http://127.0.0.1:8080//evil.example/path"),
+            (
+                "//evil.example/path",
+                "http://127.0.0.1:8080//evil.example/path",
+            ),
             ("*", "http://127.0.0.1:8080*"),
         ] {
             let target: Uri = target.parse().unwrap();
             let uri = up.uri_for(&target).unwrap();
-            assert_eq!(uri.authority().unwrap().as_str(), "127.0.0.1:8080", "{target}");
+            assert_eq!(
+                uri.authority().unwrap().as_str(),
+                "127.0.0.1:8080",
+                "{target}"
+            );
             if target != "*" {
                 assert_eq!(uri.to_string(), expected);
             }

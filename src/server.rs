@@ -131,8 +131,14 @@ pub struct Running {
 /// Signals are not handled here; see [`Running::until_signal`].
 pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Running> {
     let settings = &floodgate.settings;
-    let addr = listeners.main.local_addr().context("reading the listen address")?;
-    let admin_addr = listeners.admin.local_addr().context("reading the admin address")?;
+    let addr = listeners
+        .main
+        .local_addr()
+        .context("reading the listen address")?;
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .context("reading the admin address")?;
 
     let rate_limit = floodgate.rate_limit.clone();
     let upstream = floodgate.upstream.clone();
@@ -198,7 +204,9 @@ impl Running {
         let timeout = self.floodgate.settings.shutdown_timeout;
         actix_web::rt::spawn(async move {
             let signal = wait_for_signal().await;
-            log::info!("{signal} received: draining, in-flight requests have {timeout:?} to finish");
+            log::info!(
+                "{signal} received: draining, in-flight requests have {timeout:?} to finish"
+            );
             draining.store(true, Ordering::SeqCst);
             main_handle.stop(true).await;
         });
@@ -218,7 +226,10 @@ impl Running {
 
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
@@ -243,13 +254,15 @@ async fn readyz(floodgate: web::Data<Floodgate>) -> HttpResponse {
             .body("draining\n");
     }
     match floodgate.backend.ready().await {
-        Ok(()) => HttpResponse::Ok().content_type("text/plain").body(format!(
-            "ready: {} backend\n",
-            floodgate.backend.kind()
-        )),
+        Ok(()) => HttpResponse::Ok()
+            .content_type("text/plain")
+            .body(format!("ready: {} backend\n", floodgate.backend.kind())),
         Err(err) => HttpResponse::ServiceUnavailable()
             .content_type("text/plain")
-            .body(format!("{} backend unavailable: {err}\n", floodgate.backend.kind())),
+            .body(format!(
+                "{} backend unavailable: {err}\n",
+                floodgate.backend.kind()
+            )),
     }
 }
 

@@ -106,7 +106,11 @@ impl fmt::Debug for RedisSettings {
             .field("url", &redact_url(&self.url))
             .field(
                 "cluster",
-                &self.cluster.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+                &self
+                    .cluster
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
             )
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
@@ -178,7 +182,8 @@ impl Settings {
         let mut unknown: Vec<&String> = env
             .keys()
             .filter(|name| {
-                **name != CONFIG_VAR && !KEYS.contains(&name[ENV_PREFIX.len()..].to_ascii_lowercase().as_str())
+                **name != CONFIG_VAR
+                    && !KEYS.contains(&name[ENV_PREFIX.len()..].to_ascii_lowercase().as_str())
             })
             .collect();
         unknown.sort();
@@ -198,7 +203,8 @@ impl Settings {
         if let Some(path) = &config_file {
             match file_format(path) {
                 Ok(format) => {
-                    builder = builder.add_source(File::from(path.as_path()).format(format).required(true))
+                    builder =
+                        builder.add_source(File::from(path.as_path()).format(format).required(true))
                 }
                 Err(msg) => {
                     problems.push(format!("{CONFIG_VAR}={}: {msg}", path.display()));
@@ -219,9 +225,9 @@ impl Settings {
         let merged = match builder.build().and_then(|c| config::Source::collect(&c)) {
             Ok(map) => map,
             Err(err) => {
-                let which = config_file
-                    .as_ref()
-                    .map_or("settings".to_owned(), |p| format!("{CONFIG_VAR}={}", p.display()));
+                let which = config_file.as_ref().map_or("settings".to_owned(), |p| {
+                    format!("{CONFIG_VAR}={}", p.display())
+                });
                 problems.push(format!("{which}: {err}"));
                 return Err(SettingsError { problems });
             }
@@ -251,7 +257,12 @@ impl Settings {
             BackendKind::Memory => format!("memory (max {} keys)", self.max_keys),
             BackendKind::Redis if !self.redis.cluster.is_empty() => format!(
                 "redis cluster {} (timeout {:?}, on failure {:?})",
-                self.redis.cluster.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(","),
+                self.redis
+                    .cluster
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 self.redis.timeout,
                 self.redis.failure
             ),
@@ -265,7 +276,11 @@ impl Settings {
         let trusted = if self.trusted_proxies.is_empty() {
             "none".to_owned()
         } else {
-            self.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+            self.trusted_proxies
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         };
         format!(
             "listen={} upstream={} limit={} burst {} key={key} trusted_proxies={trusted} backend={backend} \
@@ -283,7 +298,12 @@ impl Settings {
 }
 
 fn file_format(path: &Path) -> Result<FileFormat, String> {
-    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("toml") => Ok(FileFormat::Toml),
         Some("yaml" | "yml") => Ok(FileFormat::Yaml),
         _ => Err("a settings file must end in .toml, .yaml or .yml".into()),
@@ -366,7 +386,11 @@ impl<'a> Raw<'a> {
         match parse(&text) {
             Ok(value) => Some(value),
             Err(accepted) => {
-                let shown = if key.starts_with("redis") { redact_url(&text) } else { text };
+                let shown = if key.starts_with("redis") {
+                    redact_url(&text)
+                } else {
+                    text
+                };
                 let place = self.describe(key, &shown);
                 self.problems.push(format!("{place}: {accepted}"));
                 None
@@ -381,7 +405,8 @@ impl<'a> Raw<'a> {
             Origin::Env => format!("{}={shown:?}", env_name(key)),
             Origin::File => format!(
                 "{key} = {shown:?} in {}",
-                self.file.map_or("settings".into(), |p| p.display().to_string())
+                self.file
+                    .map_or("settings".into(), |p| p.display().to_string())
             ),
             Origin::Default => format!("{key} = {shown:?} (built-in default)"),
         }
@@ -389,9 +414,14 @@ impl<'a> Raw<'a> {
     }
 
     /// A required key (always present through the defaults).
-    fn required<T>(&mut self, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    fn required<T>(
+        &mut self,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         if self.get(key).is_none() {
-            self.problems.push(format!("{}: must not be empty", env_name(key)));
+            self.problems
+                .push(format!("{}: must not be empty", env_name(key)));
             return None;
         }
         self.parse(key, parse)
@@ -420,7 +450,9 @@ impl<'a> Raw<'a> {
             }),
         };
         let key = self.required("key", parse_key);
-        let trusted_proxies = self.parse("trusted_proxies", parse_cidrs).unwrap_or_default();
+        let trusted_proxies = self
+            .parse("trusted_proxies", parse_cidrs)
+            .unwrap_or_default();
         let ipv6_prefix = self.required("ipv6_prefix", |s| match s.parse::<u8>() {
             Ok(p) if p <= 128 => Ok(p),
             _ => Err("expected a prefix length from 0 to 128".into()),
@@ -447,12 +479,13 @@ impl<'a> Raw<'a> {
             .unwrap_or_default();
         let redis_prefix = self.get("redis_prefix").unwrap_or("").to_owned();
         let redis_timeout = self.required("redis_timeout", parse_duration);
-        let redis_failure = self.required("redis_failure", |s| match s.to_ascii_lowercase().as_str() {
-            "local" => Ok(RedisFailure::Local),
-            "open" => Ok(RedisFailure::Open),
-            "closed" => Ok(RedisFailure::Closed),
-            _ => Err("expected local, open or closed".into()),
-        });
+        let redis_failure =
+            self.required("redis_failure", |s| match s.to_ascii_lowercase().as_str() {
+                "local" => Ok(RedisFailure::Local),
+                "open" => Ok(RedisFailure::Open),
+                "closed" => Ok(RedisFailure::Closed),
+                _ => Err("expected local, open or closed".into()),
+            });
         let admin_listen = self.required("admin_listen", parse_addr);
         let workers = match self.get("workers") {
             None => Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -508,7 +541,9 @@ fn text(value: &Value) -> Option<String> {
 }
 
 fn list(s: &str) -> impl Iterator<Item = &str> {
-    s.split([',', ' ', '\n', '\t']).map(str::trim).filter(|p| !p.is_empty())
+    s.split([',', ' ', '\n', '\t'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
 }
 
 // === parsers: Ok(value) or Err(what is accepted) ===
@@ -527,7 +562,10 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     const ACCEPTED: &str = "expected a positive duration such as 500ms, 30s, 2m or 1h";
     let s = s.trim();
-    let digits = s.bytes().take_while(|b| b.is_ascii_digit() || *b == b'.').count();
+    let digits = s
+        .bytes()
+        .take_while(|b| b.is_ascii_digit() || *b == b'.')
+        .count();
     let (number, unit) = s.split_at(digits);
     let number: f64 = number.parse().map_err(|_| ACCEPTED.to_owned())?;
     let secs = match unit.trim().to_ascii_lowercase().as_str() {
@@ -548,7 +586,10 @@ fn parse_key(s: &str) -> Result<KeyKind, String> {
     if s.eq_ignore_ascii_case("ip") {
         return Ok(KeyKind::Ip);
     }
-    let Some(name) = s.strip_prefix("header:").or_else(|| s.strip_prefix("HEADER:")) else {
+    let Some(name) = s
+        .strip_prefix("header:")
+        .or_else(|| s.strip_prefix("HEADER:"))
+    else {
         return Err(ACCEPTED.into());
     };
     let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| ACCEPTED.to_owned())?;
@@ -564,7 +605,9 @@ fn parse_key(s: &str) -> Result<KeyKind, String> {
         "proxy-authorization",
     ];
     if hop_by_hop.contains(&name.as_str()) {
-        return Err(format!("{name} is a hop-by-hop header and cannot be a key; {ACCEPTED}"));
+        return Err(format!(
+            "{name} is a hop-by-hop header and cannot be a key; {ACCEPTED}"
+        ));
     }
     Ok(KeyKind::Header(name))
 }
@@ -647,7 +690,9 @@ mod tests {
     fn every_key_is_in_the_shipped_file() {
         for key in KEYS {
             assert!(
-                DEFAULT_TOML.lines().any(|l| l.starts_with(&format!("{key} = "))),
+                DEFAULT_TOML
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{key} = "))),
                 "settings/default.toml lacks {key}"
             );
         }
@@ -694,7 +739,12 @@ mod tests {
         .unwrap_err();
         let lines = &err.problems;
         assert_eq!(lines.len(), 8, "{err}");
-        let has = |needle: &str| assert!(lines.iter().any(|l| l.contains(needle)), "no {needle:?} in\n{err}");
+        let has = |needle: &str| {
+            assert!(
+                lines.iter().any(|l| l.contains(needle)),
+                "no {needle:?} in\n{err}"
+            )
+        };
         has("FLOODGATE_RATE=\"10/mn\": unknown period unit \"mn\"");
         has("FLOODGATE_BURST=\"0\": expected a whole number");
         has("FLOODGATE_UPSTREAM=\"ftp://x\": the scheme must be http");
@@ -709,7 +759,11 @@ mod tests {
     fn files_layer_between_defaults_and_environment() {
         let dir = tempfile::tempdir().unwrap();
         let toml = dir.path().join("f.toml");
-        std::fs::write(&toml, "rate = \"5/s\"\nburst = 7\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n").unwrap();
+        std::fs::write(
+            &toml,
+            "rate = \"5/s\"\nburst = 7\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n",
+        )
+        .unwrap();
         let s = load(&[
             ("FLOODGATE_CONFIG", toml.to_str().unwrap()),
             ("FLOODGATE_BURST", "9"),
@@ -734,14 +788,22 @@ mod tests {
         std::fs::write(&toml, "rate = \"fast\"\nraet = \"1/s\"\n").unwrap();
         let err = load(&[("FLOODGATE_CONFIG", toml.to_str().unwrap())]).unwrap_err();
         assert_eq!(err.problems.len(), 2, "{err}");
-        assert!(err.to_string().contains(&format!("rate = \"fast\" in {}", toml.display())), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("rate = \"fast\" in {}", toml.display())),
+            "{err}"
+        );
         assert!(err.to_string().contains("\"raet\" in"), "{err}");
     }
 
     #[test]
     fn missing_or_malformed_files_are_errors() {
         let err = load(&[("FLOODGATE_CONFIG", "/nonexistent/floodgate.toml")]).unwrap_err();
-        assert!(err.to_string().starts_with("FLOODGATE_CONFIG=/nonexistent/floodgate.toml"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("FLOODGATE_CONFIG=/nonexistent/floodgate.toml"),
+            "{err}"
+        );
         let err = load(&[("FLOODGATE_CONFIG", "/etc/floodgate.ini")]).unwrap_err();
         assert!(err.to_string().contains(".toml, .yaml or .yml"), "{err}");
         let dir = tempfile::tempdir().unwrap();
@@ -766,12 +828,22 @@ mod tests {
 
     #[test]
     fn redis_passwords_never_show() {
-        assert_eq!(redact_url("redis://:hunter2@host:6379/0"), "redis://:***@host:6379/0");
-        assert_eq!(redact_url("rediss://user:hunter2@host"), "rediss://user:***@host");
+        assert_eq!(
+            redact_url("redis://:hunter2@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://user:hunter2@host"),
+            "rediss://user:***@host"
+        );
         assert_eq!(redact_url("redis://host:6379/"), "redis://host:6379/");
         let err = load(&[("FLOODGATE_REDIS_URL", "http://:hunter2@host")]).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
-        let s = load(&[("FLOODGATE_REDIS_URL", "redis://:hunter2@host:6379/0"), ("FLOODGATE_BACKEND", "redis")]).unwrap();
+        let s = load(&[
+            ("FLOODGATE_REDIS_URL", "redis://:hunter2@host:6379/0"),
+            ("FLOODGATE_BACKEND", "redis"),
+        ])
+        .unwrap();
         assert!(!s.summary().contains("hunter2"));
         assert!(!format!("{s:?}").contains("hunter2"));
     }

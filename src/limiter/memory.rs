@@ -17,8 +17,6 @@
 //! an outsider cannot arrange without the seed and which by chance happens
 //! with probability about n²/2⁶⁵ (3·10⁻⁸ for a million keys).
 
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
@@ -26,6 +24,8 @@ use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
 use governor::state::StateStore;
 use governor::state::keyed::ShrinkableKeyedStateStore;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::{Backend, BackendError, Decision, Limit, LimitId, RateKey};
 
@@ -215,8 +215,7 @@ fn measure_and_replace_one<T, E>(
     loop {
         let state = (prev != 0).then(|| Nanos::from(prev));
         let (result, next) = f(state)?;
-        match cell.compare_exchange_weak(prev, next.into(), Ordering::Release, Ordering::Relaxed)
-        {
+        match cell.compare_exchange_weak(prev, next.into(), Ordering::Release, Ordering::Relaxed) {
             Ok(_) => return Ok(result),
             Err(actual) => prev = actual,
         }

@@ -289,11 +289,7 @@ mod tests {
     use super::*;
 
     fn limit(rate: &str, burst: u32) -> Limit {
-        Limit::new(
-            "t",
-            rate.parse().unwrap(),
-            NonZeroU32::new(burst).unwrap(),
-        )
+        Limit::new("t", rate.parse().unwrap(), NonZeroU32::new(burst).unwrap())
     }
 
     #[test]

@@ -140,7 +140,9 @@ where
                 this.timer.disarm();
                 Poll::Ready(Some(Ok(chunk)))
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(BodyError::Client(err.to_string())))),
+            Poll::Ready(Some(Err(err))) => {
+                Poll::Ready(Some(Err(BodyError::Client(err.to_string()))))
+            }
             Poll::Ready(None) => {
                 this.progress.moved();
                 Poll::Ready(None)

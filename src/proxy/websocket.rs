@@ -39,7 +39,11 @@ pub(super) async fn tunnel(
     headers: HeaderMap,
 ) -> Result<HttpResponse, ProxyError> {
     let timeout = upstream.timeout;
-    let host = upstream.authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = upstream
+        .authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let port = upstream.authority.port_u16().unwrap_or(80);
     let tcp = within(timeout, TcpStream::connect((host, port)))
         .await?
@@ -52,9 +56,12 @@ pub(super) async fn tunnel(
     head.headers = headers;
     head.set_connection_type(ConnectionType::Upgrade);
     let mut framed = Framed::new(tcp, ClientCodec::default());
-    within(timeout, framed.send((RequestHeadType::Owned(head), BodySize::None).into()))
-        .await?
-        .map_err(|e| ProxyError::UpstreamConnect(format!("sending the handshake: {e}")))?;
+    within(
+        timeout,
+        framed.send((RequestHeadType::Owned(head), BodySize::None).into()),
+    )
+    .await?
+    .map_err(|e| ProxyError::UpstreamConnect(format!("sending the handshake: {e}")))?;
     let response = within(timeout, framed.next())
         .await?
         .ok_or_else(|| ProxyError::UpstreamConnect("closed before answering the handshake".into()))?

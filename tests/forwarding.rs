@@ -1,0 +1,337 @@
+//! Forwarding fidelity: what the client sends is what the upstream gets, and
+//! back, minus hop-by-hop headers, plus X-Forwarded-*.
+
+mod support;
+
+use support::{Reply, proxy, request, send, upstream};
+
+const GENEROUS: &str = "1000000/s";
+
+#[test]
+fn every_method_path_and_query_arrive_unchanged() {
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let methods = [
+        "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "TRACE", "PURGE",
+    ];
+    for method in methods {
+        let target = "/some/path%20x/?q=1&q=2&empty=&utf=%C3%A9#frag-is-not-sent";
+        let sent_target = target.split('#').next().unwrap();
+        let res = request(fg.addr, method, sent_target, &[], b"");
+        assert_eq!(res.status, 200, "{method}");
+    }
+    let recorded = up.recorded();
+    assert_eq!(recorded.len(), methods.len());
+    for (rec, method) in recorded.iter().zip(methods) {
+        assert_eq!(rec.method, method);
+        assert_eq!(rec.uri, "/some/path%20x/?q=1&q=2&empty=&utf=%C3%A9");
+    }
+}
+
+#[test]
+fn end_to_end_headers_arrive_and_hop_by_hop_ones_do_not() {
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(
+        fg.addr,
+        "GET",
+        "/",
+        &[
+            ("Host", "app.example"),
+            ("X-Custom", "one"),
+            ("X-Custom", "two"),
+            ("Authorization", "Bearer secret"),
+            ("Cookie", "a=1; b=2"),
+            ("Connection", "keep-alive, X-Per-Hop"),
+            ("X-Per-Hop", "must go"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("TE", "trailers"),
+            ("Trailer", "X-Checksum"),
+            ("Upgrade", "h2c"),
+            ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+            ("Proxy-Authenticate", "Basic"),
+        ],
+        b"",
+    );
+    assert_eq!(res.status, 200);
+    let rec = up.only();
+    assert_eq!(
+        rec.header("host"),
+        Some("app.example"),
+        "the client's Host is passed on"
+    );
+    assert_eq!(rec.header_all("x-custom"), vec!["one", "two"]);
+    assert_eq!(rec.header("authorization"), Some("Bearer secret"));
+    assert_eq!(rec.header("cookie"), Some("a=1; b=2"));
+    for gone in [
+        "x-per-hop",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ] {
+        assert_eq!(rec.header(gone), None, "{gone} must not reach the upstream");
+    }
+    assert!(
+        rec.header_all("connection")
+            .iter()
+            .all(|v| !v.to_ascii_lowercase().contains("x-per-hop")),
+        "{:?}",
+        rec.headers
+    );
+}
+
+#[test]
+fn forwarded_headers_are_set() {
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    request(
+        fg.addr,
+        "GET",
+        "/",
+        &[
+            ("Host", "app.example:8443"),
+            ("X-Forwarded-For", "198.51.100.7"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "spoofed.example"),
+        ],
+        b"",
+    );
+    let rec = up.only();
+    // The peer is not a trusted proxy, so its claims are replaced.
+    assert_eq!(rec.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(rec.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(rec.header("x-forwarded-host"), Some("app.example:8443"));
+}
+
+#[test]
+fn forwarded_for_is_appended_for_trusted_proxies() {
+    let up = upstream().run();
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_TRUSTED_PROXIES", "127.0.0.0/8")
+        .run();
+    request(
+        fg.addr,
+        "GET",
+        "/",
+        &[
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("X-Forwarded-For", "10.1.2.3"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "public.example"),
+        ],
+        b"",
+    );
+    let rec = up.only();
+    assert_eq!(
+        rec.header("x-forwarded-for"),
+        Some("203.0.113.9, 10.1.2.3, 127.0.0.1")
+    );
+    assert_eq!(rec.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(rec.header("x-forwarded-host"), Some("public.example"));
+}
+
+#[test]
+fn host_header_can_be_the_upstreams() {
+    let up = upstream().run();
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_HOST_HEADER", "upstream")
+        .run();
+    request(fg.addr, "GET", "/", &[("Host", "app.example")], b"");
+    assert_eq!(
+        up.only().header("host"),
+        Some(up.addr().to_string().as_str())
+    );
+}
+
+#[test]
+fn status_headers_every_set_cookie_and_body_come_back() {
+    let up = upstream()
+        .route_fn("/teapot", |_| {
+            Reply::ok(b"\x00\x01binary\xffbody".to_vec())
+                .status(418)
+                .header("Set-Cookie", "a=1; Path=/")
+                .header("Set-Cookie", "b=2; HttpOnly")
+                .header("Set-Cookie", "c=3")
+                .header("X-Upstream", "yes")
+                .header("Content-Type", "application/x-tea")
+                .header("Cache-Control", "no-store")
+        })
+        .run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(fg.addr, "GET", "/teapot", &[], b"");
+    assert_eq!(res.status, 418);
+    assert_eq!(
+        res.header_all("set-cookie"),
+        vec!["a=1; Path=/", "b=2; HttpOnly", "c=3"]
+    );
+    assert_eq!(res.header("x-upstream"), Some("yes"));
+    assert_eq!(res.header("content-type"), Some("application/x-tea"));
+    assert_eq!(res.header("cache-control"), Some("no-store"));
+    assert_eq!(res.body, b"\x00\x01binary\xffbody");
+    assert!(
+        res.header("ratelimit").is_some(),
+        "allowed responses carry rate-limit headers"
+    );
+}
+
+#[test]
+fn response_without_content_type_gets_none_added() {
+    let up = raw_bare_upstream();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(fg.addr, "GET", "/", &[], b"");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("content-type"), None, "{:?}", res.headers);
+    assert_eq!(res.body, b"bare");
+}
+
+fn raw_bare_upstream() -> support::upstream::RawUpstream {
+    support::raw_upstream(|stream| {
+        use std::io::Write;
+        let _ = support::upstream::read_request(&stream);
+        let mut stream = stream;
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=3\r\n\r\nbare");
+    })
+}
+
+#[test]
+fn hop_by_hop_response_headers_are_stripped() {
+    let up = raw_bare_upstream();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(fg.addr, "GET", "/", &[], b"");
+    assert_eq!(res.header("x-hop"), None);
+    assert_eq!(res.header("keep-alive"), None);
+}
+
+#[test]
+fn request_bodies_arrive_byte_for_byte() {
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let res = request(
+        fg.addr,
+        "POST",
+        "/upload",
+        &[("Content-Type", "application/octet-stream")],
+        &body,
+    );
+    assert_eq!(res.status, 200);
+    let rec = up.only();
+    assert_eq!(rec.body, body);
+    assert_eq!(
+        rec.header("content-length"),
+        Some("200000"),
+        "a sized body stays sized"
+    );
+    assert_eq!(rec.header("transfer-encoding"), None);
+}
+
+#[test]
+fn chunked_request_bodies_arrive_whole() {
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let raw = b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    let res = send(fg.addr, raw);
+    assert_eq!(res.status, 200);
+    assert_eq!(up.only().body, b"hello world");
+}
+
+#[test]
+fn bodiless_requests_stay_bodiless() {
+    let up = raw_recording_upstream();
+    let fg = proxy(up.0.addr()).rate(GENEROUS).run();
+    request(fg.addr, "GET", "/", &[], b"");
+    let head = up.1.recv().unwrap();
+    let lower = head.to_ascii_lowercase();
+    assert!(!lower.contains("content-length"), "{head}");
+    assert!(!lower.contains("transfer-encoding"), "{head}");
+    assert!(
+        !lower.contains("user-agent"),
+        "no default headers are added:\n{head}"
+    );
+}
+
+fn raw_recording_upstream() -> (
+    support::upstream::RawUpstream,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let up = support::raw_upstream(move |stream| {
+        use std::io::Write;
+        let (head, _) = support::upstream::read_request(&stream);
+        let _ = tx.lock().unwrap().send(head);
+        let mut stream = stream;
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    });
+    (up, rx)
+}
+
+#[test]
+fn head_keeps_the_upstreams_content_length() {
+    let up = upstream().route("/doc", "twelve bytes").run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(fg.addr, "HEAD", "/doc", &[], b"");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("content-length"), Some("12"));
+    assert!(res.body.is_empty());
+}
+
+#[test]
+fn no_content_and_not_modified_have_no_body() {
+    let up = upstream()
+        .route_fn("/204", |_| Reply::ok(Vec::new()).status(204))
+        .route_fn("/304", |_| {
+            Reply::ok(Vec::new()).status(304).header("ETag", "\"v1\"")
+        })
+        .run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(fg.addr, "GET", "/204", &[], b"");
+    assert_eq!(res.status, 204);
+    let res = request(fg.addr, "GET", "/304", &[("If-None-Match", "\"v1\"")], b"");
+    assert_eq!(res.status, 304);
+    assert_eq!(res.header("etag"), Some("\"v1\""));
+}
+
+#[test]
+fn keep_alive_clients_get_many_answers_on_one_connection() {
+    use std::io::{BufReader, Write};
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let mut stream = support::client::connect(fg.addr);
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for i in 0..5 {
+        write!(stream, "GET /ka/{i} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let res = support::client::read_response(&mut reader, false).unwrap();
+        assert_eq!(res.status, 200);
+        assert_eq!(res.body, b"ok");
+    }
+    assert_eq!(up.requests(), 5);
+}
+
+#[test]
+fn expect_continue_uploads_work() {
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(
+        fg.addr,
+        "PUT",
+        "/e",
+        &[("Expect", "100-continue")],
+        b"payload",
+    );
+    assert_eq!(res.status, 200);
+    let rec = up.only();
+    assert_eq!(rec.body, b"payload");
+    assert_eq!(
+        rec.header("expect"),
+        None,
+        "floodgate answers the expectation itself"
+    );
+}
