@@ -48,6 +48,8 @@ pub mod server;
 pub mod settings;
 
 pub use error::ProxyError;
-pub use limiter::{Backend, BackendError, Decision, Limit, MemoryBackend, Rate, RateKey};
+pub use limiter::{
+    Backend, BackendError, Decision, Health, Limit, MemoryBackend, Rate, RateKey, RedisBackend,
+};
 pub use middleware::{FailurePolicy, RateLimit};
 pub use server::admin_probe;

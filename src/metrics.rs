@@ -67,6 +67,15 @@ pub struct Metrics {
     pub upstream_timeouts: Counter,
 }
 
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("allowed", &self.allowed.get())
+            .field("limited", &self.limited.get())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Metrics {
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {

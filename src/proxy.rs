@@ -34,6 +34,7 @@ use ipnet::IpNet;
 
 use crate::error::ProxyError;
 use crate::key::canonical;
+use crate::metrics::Metrics;
 
 use body::{BodyError, Progress, RequestBody, ResponseBody};
 
@@ -70,6 +71,7 @@ pub struct Upstream {
     client_timeout: Duration,
     host_header: HostHeader,
     trusted: Arc<[IpNet]>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why an upstream URL was refused.
@@ -112,6 +114,7 @@ impl Upstream {
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             host_header: HostHeader::Client,
             trusted: Arc::from(Vec::new()),
+            metrics: Arc::default(),
         })
     }
 
@@ -134,6 +137,12 @@ impl Upstream {
     /// anyone else they are replaced.
     pub fn trust(mut self, proxies: impl IntoIterator<Item = IpNet>) -> Self {
         self.trusted = proxies.into_iter().map(|n| n.trunc()).collect();
+        self
+    }
+
+    /// Counts upstream failures into `metrics` (shared with `/metrics`).
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -162,6 +171,16 @@ impl Upstream {
             .path_and_query(path_and_query)
             .build()
             .map_err(|e| ProxyError::Internal(format!("building upstream URI: {e}")))
+    }
+
+    /// Counts an upstream failure on its way to the client.
+    fn count(&self, err: ProxyError) -> ProxyError {
+        match err {
+            ProxyError::UpstreamConnect(_) => self.metrics.upstream_connect_errors.inc(),
+            ProxyError::UpstreamTimeout(_) => self.metrics.upstream_timeouts.inc(),
+            _ => {}
+        }
+        err
     }
 
     fn is_trusted(&self, addr: IpAddr) -> bool {
@@ -243,7 +262,9 @@ pub async fn forward(
     }
 
     if websocket {
-        return websocket::tunnel(&req, payload.into_inner(), upstream, uri, headers).await;
+        return websocket::tunnel(&req, payload.into_inner(), upstream, uri, headers)
+            .await
+            .map_err(|e| upstream.count(e));
     }
 
     let mut request = forwarder.client.request(req.method().clone(), uri);
@@ -267,7 +288,7 @@ pub async fn forward(
         };
         deadline(send, upstream.timeout, Some(progress)).await
     };
-    let response = sent.map_err(|e| upstream_error(e, upstream.timeout))?;
+    let response = sent.map_err(|e| upstream.count(upstream_error(e, upstream.timeout)))?;
     Ok(respond(&req, response, upstream.timeout))
 }
 

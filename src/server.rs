@@ -15,11 +15,11 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 
 use crate::key::{ClientIp, HeaderKey, KeyExtractor};
-use crate::limiter::{Backend, Limit, MemoryBackend};
+use crate::limiter::{Backend, Fallback, Health, Limit, MemoryBackend, RedisBackend, RedisTarget};
 use crate::metrics::Metrics;
-use crate::middleware::RateLimit;
+use crate::middleware::{FailurePolicy, RateLimit};
 use crate::proxy::{self, Upstream};
-use crate::settings::{BackendKind, KeyKind, Settings};
+use crate::settings::{BackendKind, KeyKind, RedisFailure, Settings, redact_url};
 
 /// How often idle keys are dropped from in-memory state.
 pub const RETAIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -45,7 +45,29 @@ impl Floodgate {
         let backend: Arc<dyn Backend> = match settings.backend {
             BackendKind::Memory => Arc::new(MemoryBackend::new([&limit], settings.max_keys)),
             BackendKind::Redis => {
-                anyhow::bail!("FLOODGATE_BACKEND=redis: the Redis backend is not built yet")
+                let redis = &settings.redis;
+                let target = if redis.cluster.is_empty() {
+                    RedisTarget::Single(redis.url.clone())
+                } else {
+                    RedisTarget::Cluster(redis.cluster.clone())
+                };
+                let fallback = match redis.failure {
+                    RedisFailure::Local => Fallback::Local,
+                    RedisFailure::Open | RedisFailure::Closed => Fallback::Error,
+                };
+                Arc::new(
+                    RedisBackend::new(
+                        target,
+                        [&limit],
+                        redis.prefix.clone(),
+                        redis.timeout,
+                        fallback,
+                        settings.max_keys,
+                    )
+                    .map_err(|e| {
+                        anyhow::anyhow!("FLOODGATE_REDIS_URL: {}", redact_url(&e.to_string()))
+                    })?,
+                )
             }
         };
         Self::with_backend(settings, limit, backend)
@@ -64,9 +86,14 @@ impl Floodgate {
             .host_header(settings.host_header)
             .trust(settings.trusted_proxies.iter().copied());
         let metrics = Arc::new(Metrics::default());
+        let upstream = upstream.metrics(metrics.clone());
         let rate_limit = RateLimit::new(backend.clone(), limit)
             .key(key_extractor(&settings))
             .headers(settings.headers)
+            .on_backend_error(match settings.redis.failure {
+                RedisFailure::Closed => FailurePolicy::Closed,
+                RedisFailure::Open | RedisFailure::Local => FailurePolicy::Open,
+            })
             .metrics(metrics.clone());
         Ok(Floodgate {
             settings,
@@ -172,6 +199,7 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
     .run();
 
     let backend = floodgate.backend.clone();
+    backend.start();
     actix_web::rt::spawn(async move {
         let mut ticks = actix_web::rt::time::interval(RETAIN_INTERVAL);
         loop {
@@ -253,16 +281,17 @@ async fn readyz(floodgate: web::Data<Floodgate>) -> HttpResponse {
             .content_type("text/plain")
             .body("draining\n");
     }
-    match floodgate.backend.ready().await {
-        Ok(()) => HttpResponse::Ok()
+    let kind = floodgate.backend.kind();
+    match floodgate.backend.health() {
+        Health::Up => HttpResponse::Ok()
             .content_type("text/plain")
-            .body(format!("ready: {} backend\n", floodgate.backend.kind())),
-        Err(err) => HttpResponse::ServiceUnavailable()
+            .body(format!("ready: {kind} backend\n")),
+        Health::Degraded(note) => HttpResponse::Ok()
             .content_type("text/plain")
-            .body(format!(
-                "{} backend unavailable: {err}\n",
-                floodgate.backend.kind()
-            )),
+            .body(format!("ready, degraded: {kind} backend: {note}\n")),
+        Health::Down(note) => HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body(format!("not ready: {kind} backend: {note}\n")),
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod memory;
 mod rate;
+pub mod redis;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -27,7 +28,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use memory::MemoryBackend;
-pub use rate::{Rate, RateError};
+pub use rate::{RATE_SYNTAX, Rate, RateError};
+pub use redis::{Fallback, RedisBackend, RedisTarget};
 
 // === Limit ===
 
@@ -190,31 +192,38 @@ impl RateKey {
         RateKey(Repr::Bytes(value.into()))
     }
 
-    /// A stable, printable identity for shared stores: the same key gives the
-    /// same text on every replica. The kind prefix keeps kinds apart.
-    ///
-    /// Long or non-printable values are not stored as-is: the caller (the
-    /// Redis backend) decides whether to hash them.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(48);
-        match &self.0 {
-            Repr::Global => out.extend_from_slice(b"g"),
-            Repr::Ip(ip) => {
-                out.extend_from_slice(b"ip:");
-                out.extend_from_slice(ip.to_string().as_bytes());
-            }
-            Repr::Header(value) => {
-                out.extend_from_slice(b"h:");
-                out.extend_from_slice(value.as_bytes());
-            }
-            Repr::Bytes(bytes) => {
-                out.extend_from_slice(b"b:");
-                out.extend_from_slice(bytes);
-            }
+    /// A stable, printable identity for stores shared between processes: the
+    /// same key gives the same bytes on every replica and every version. The
+    /// kind prefix (`ip:`, `h:`, `b:`, `g`) keeps kinds apart. A value longer
+    /// than [`MAX_PLAIN_KEY`] bytes, or with bytes outside printable ASCII, is
+    /// replaced by `#` and the hex SHA-1 of its bytes, so stored keys stay short
+    /// and printable.
+    pub fn stable_id(&self) -> Vec<u8> {
+        let (kind, value): (&[u8], std::borrow::Cow<'_, [u8]>) = match &self.0 {
+            Repr::Global => return b"g".to_vec(),
+            Repr::Ip(ip) => (b"ip:", ip.to_string().into_bytes().into()),
+            Repr::Header(value) => (b"h:", value.as_bytes().into()),
+            Repr::Bytes(bytes) => (b"b:", bytes.as_ref().into()),
+        };
+        let mut out = Vec::with_capacity(kind.len() + value.len().min(41));
+        out.extend_from_slice(kind);
+        if value.len() <= MAX_PLAIN_KEY && value.iter().all(|b| b.is_ascii_graphic()) {
+            out.extend_from_slice(&value);
+        } else {
+            out.push(b'#');
+            out.extend_from_slice(
+                sha1_smol::Sha1::from(&*value)
+                    .digest()
+                    .to_string()
+                    .as_bytes(),
+            );
         }
         out
     }
 }
+
+/// Longest key value stored as-is by [`RateKey::stable_id`].
+pub const MAX_PLAIN_KEY: usize = 64;
 
 impl fmt::Debug for RateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -259,18 +268,35 @@ pub trait Backend: Send + Sync {
     /// failure policy.
     async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError>;
 
+    /// Runs once when the server starts, inside its runtime and before the
+    /// first request: opens connections and starts background tasks.
+    fn start(&self) {}
+
     /// Runs periodically (every few seconds) off the request path. Drops keys
     /// that are indistinguishable from fresh ones. Stores that expire keys
     /// themselves (Redis `PEXPIRE`) keep this no-op.
     fn retain_recent(&self) {}
 
-    /// Answers `/readyz`: `Ok` when the backend can decide right now.
-    async fn ready(&self) -> Result<(), BackendError> {
-        Ok(())
+    /// Answers `/readyz`, without a round trip: whether decisions are being
+    /// made as configured right now.
+    fn health(&self) -> Health {
+        Health::Up
     }
 
     /// A short name for logs: `memory`, `redis`, …
     fn kind(&self) -> &'static str;
+}
+
+/// What `/readyz` reports about a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Deciding as configured.
+    Up,
+    /// Serving, but not as configured (e.g. Redis down and the local fallback
+    /// deciding): ready, with this note.
+    Degraded(String),
+    /// Refusing requests (e.g. Redis down under the `closed` policy): not ready.
+    Down(String),
 }
 
 /// Why a backend could not decide.
@@ -308,8 +334,34 @@ mod tests {
         let bytes = RateKey::bytes("192.0.2.1");
         assert_ne!(ip, header);
         assert_ne!(header, bytes);
-        assert_ne!(ip.to_bytes(), header.to_bytes());
-        assert_ne!(header.to_bytes(), bytes.to_bytes());
+        assert_ne!(ip.stable_id(), header.stable_id());
+        assert_ne!(header.stable_id(), bytes.stable_id());
+    }
+
+    #[test]
+    fn stable_ids_are_short_and_printable() {
+        assert_eq!(
+            RateKey::ip("192.0.2.1".parse().unwrap()).stable_id(),
+            b"ip:192.0.2.1"
+        );
+        assert_eq!(
+            RateKey::ip("2001:db8::".parse().unwrap()).stable_id(),
+            b"ip:2001:db8::"
+        );
+        assert_eq!(
+            RateKey::header(HeaderValue::from_static("k-1")).stable_id(),
+            b"h:k-1"
+        );
+        assert_eq!(RateKey::global().stable_id(), b"g");
+        let long = "x".repeat(65);
+        let id = RateKey::bytes(long.clone()).stable_id();
+        assert_eq!(id.len(), 2 + 1 + 40);
+        assert!(id.starts_with(b"b:#"));
+        assert_eq!(id, RateKey::bytes(long).stable_id(), "deterministic");
+        assert!(
+            RateKey::bytes("a b").stable_id().starts_with(b"b:#"),
+            "spaces are hashed"
+        );
     }
 
     #[test]

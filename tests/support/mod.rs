@@ -5,10 +5,12 @@
 
 pub mod client;
 pub mod proxy;
+pub mod redis;
 pub mod upstream;
 
 pub use client::{Response, get, request, send, try_send};
 pub use proxy::{Binary, Proxy, proxy};
+pub use redis::{RedisCluster, RedisServer};
 pub use upstream::{Recorded, Reply, raw_upstream, upstream};
 
 use std::time::{Duration, Instant};

@@ -1,0 +1,566 @@
+//! Limiter state in Redis, shared by every floodgate replica that uses it.
+//!
+//! One decision is one atomic Lua script ([`GCRA_SCRIPT`]) that mirrors
+//! governor's `Gcra::test_and_update` step by step, with Redis's own `TIME` as
+//! the clock so replicas with skewed clocks still agree. It runs through
+//! `EVALSHA`, reloaded automatically after `NOSCRIPT` (`redis::Script`), over
+//! one multiplexed connection (a `ConnectionManager`, or a cluster
+//! connection) shared by all workers, so concurrent decisions are pipelined.
+//!
+//! Keys are `<prefix>{<client key>}:<limit>`: the braces are a Redis Cluster
+//! hash tag, so every limit of one client lands in one slot (a later rule
+//! with several limits can check them in one script). Each key lives only
+//! until it would be indistinguishable from a fresh one (`PX` = TAT − now), so
+//! no key lives forever and Redis memory stays bounded by active clients.
+//!
+//! When Redis is slow or down, each decision gives up after `timeout` and a
+//! circuit breaker stops asking Redis at all until a background probe gets an
+//! answer again (every [`PROBE_INTERVAL`]); meanwhile the failure policy
+//! decides: this replica's own in-memory limiter (`local`), or an error that
+//! the middleware turns into "allow" (`open`) or 503 (`closed`). One warning
+//! marks the start of an outage and one its end.
+//!
+//! Refusals are cached locally until their retry time: a key Redis has just
+//! refused cannot get a cell before then on any replica (no replica can take
+//! one, so its TAT cannot move), so answering those requests here is exact and
+//! costs no round trip.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value};
+
+use super::{Backend, BackendError, Decision, Health, Limit, LimitId, MemoryBackend, RateKey};
+use crate::settings::redact_url;
+
+/// How often a down Redis is asked again.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Refusals remembered locally at most (per process); beyond it, refusals
+/// are simply not cached.
+const BLOCKED_CAP: usize = 100_000;
+
+/// GCRA, as governor's `Gcra::test_and_update` (src/gcra.rs), in microseconds.
+///
+/// KEYS[1] holds the key's TAT (theoretical arrival time), µs since the epoch.
+/// ARGV[1] is `t` (emission interval) and ARGV[2] `tau` (`t * (burst - 1)`).
+/// Returns `{1, remaining, 0}` when a cell was taken, `{0, 0, wait_µs}` when not.
+pub const GCRA_SCRIPT: &str = r#"
+if redis.replicate_commands then redis.replicate_commands() end
+local t = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+-- let t0 = t0.duration_since(start): one clock for every replica.
+local now = redis.call('TIME')
+local t0 = tonumber(now[1]) * 1000000 + tonumber(now[2])
+-- let tat = tat.unwrap_or(t0);
+local tat = tonumber(redis.call('GET', KEYS[1])) or t0
+-- let earliest_time = tat.saturating_sub(tau);
+local earliest_time = tat - tau
+-- if t0 < earliest_time { Err(NotUntil(earliest_time)) }
+if t0 < earliest_time then
+  return {0, 0, earliest_time - t0}
+end
+-- let next = cmp::max(tat, t0) + t;
+local next = math.max(tat, t0) + t
+-- Once next <= now the key is indistinguishable from a fresh one: expire it then.
+redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.ceil((next - t0) / 1000))
+-- StateSnapshot::remaining_burst_capacity
+local remaining = math.floor(math.min(t0 + tau + t - next, tau + t) / t)
+return {1, remaining, 0}
+"#;
+
+/// Where the shared state is.
+#[derive(Clone)]
+pub enum RedisTarget {
+    /// One Redis: `redis://[user:password@]host:port/db` or `rediss://…`.
+    Single(String),
+    /// Redis Cluster seed nodes.
+    Cluster(Vec<String>),
+}
+
+/// What decides while Redis cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// This replica's own in-memory limiter, with the same limits.
+    Local,
+    /// Return the error: the middleware's failure policy (open or closed) applies.
+    Error,
+}
+
+/// Limiter state in Redis. Build it once and share it; [`Backend::start`]
+/// opens the connection.
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    target: RedisTarget,
+    conn: OnceLock<Conn>,
+    script: redis::Script,
+    prefix: String,
+    timeout: Duration,
+    limits: Vec<(LimitId, Params)>,
+    local: Option<MemoryBackend>,
+    circuit: Circuit,
+    blocked: Blocked,
+}
+
+/// A limit in the script's units.
+#[derive(Clone, Copy)]
+struct Params {
+    t_us: u64,
+    tau_us: u64,
+}
+
+impl Params {
+    fn new(limit: &Limit) -> Self {
+        let t_us = u64::try_from(limit.emission_interval().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        Params {
+            t_us,
+            tau_us: t_us.saturating_mul(u64::from(limit.burst().get() - 1)),
+        }
+    }
+}
+
+impl RedisBackend {
+    /// State for `limits` in `target`, under keys starting with `prefix`;
+    /// each decision waits at most `timeout`. Validates the URLs; does not
+    /// connect.
+    pub fn new<'a>(
+        target: RedisTarget,
+        limits: impl IntoIterator<Item = &'a Limit> + Clone,
+        prefix: impl Into<String>,
+        timeout: Duration,
+        fallback: Fallback,
+        max_keys: usize,
+    ) -> Result<Self, RedisError> {
+        match &target {
+            RedisTarget::Single(url) => {
+                redis::Client::open(url.as_str())?;
+            }
+            RedisTarget::Cluster(nodes) => {
+                redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str))?;
+            }
+        }
+        let local =
+            (fallback == Fallback::Local).then(|| MemoryBackend::new(limits.clone(), max_keys));
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                target,
+                conn: OnceLock::new(),
+                script: redis::Script::new(GCRA_SCRIPT),
+                prefix: prefix.into(),
+                timeout,
+                limits: limits
+                    .into_iter()
+                    .map(|l| (l.id(), Params::new(l)))
+                    .collect(),
+                local,
+                circuit: Circuit::default(),
+                blocked: Blocked::default(),
+            }),
+        })
+    }
+
+    /// The Redis key for `key` under `limit`.
+    pub fn redis_key(&self, limit: &Limit, key: &RateKey) -> Vec<u8> {
+        self.inner.redis_key(limit, key)
+    }
+
+    /// Whether the circuit is closed (Redis answering).
+    pub fn is_up(&self) -> bool {
+        self.inner.circuit.state() == State::Up
+    }
+}
+
+#[async_trait(?Send)]
+impl Backend for RedisBackend {
+    async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError> {
+        let inner = &self.inner;
+        let params = inner
+            .params(limit)
+            .ok_or_else(|| BackendError::UnknownLimit(limit.name.clone()))?;
+        if let Some(decision) = inner.blocked.get(limit, key) {
+            return Ok(decision);
+        }
+        let (State::Up, Some(conn)) = (inner.circuit.state(), inner.conn.get()) else {
+            return inner.fallback(
+                limit,
+                key,
+                BackendError::Unavailable("redis is down".into()),
+            );
+        };
+        let mut conn = conn.clone();
+        let redis_key = inner.redis_key(limit, key);
+        let mut invocation = inner.script.key(redis_key);
+        invocation.arg(params.t_us).arg(params.tau_us);
+        let answer = actix_web::rt::time::timeout(
+            inner.timeout,
+            invocation.invoke_async::<(i64, i64, i64)>(&mut conn),
+        )
+        .await;
+        match answer {
+            Ok(Ok((1, remaining, _))) => {
+                let remaining = u32::try_from(remaining.max(0)).unwrap_or(u32::MAX);
+                Ok(Decision::Allowed {
+                    remaining,
+                    reset_after: limit.reset_after(remaining),
+                })
+            }
+            Ok(Ok((_, _, wait_us))) => {
+                let retry_after = Duration::from_micros(wait_us.max(0).unsigned_abs());
+                inner.blocked.insert(limit, key, retry_after);
+                Ok(Decision::Limited {
+                    retry_after,
+                    reset_after: retry_after + limit.tolerance(),
+                })
+            }
+            Ok(Err(err)) => {
+                let error = BackendError::Unavailable(err.to_string());
+                if is_outage(&err) {
+                    Inner::trip(inner, &error);
+                }
+                inner.fallback(limit, key, error)
+            }
+            Err(_) => {
+                let error = BackendError::Timeout(inner.timeout);
+                Inner::trip(inner, &error);
+                inner.fallback(limit, key, error)
+            }
+        }
+    }
+
+    fn start(&self) {
+        Inner::probe(&self.inner);
+    }
+
+    fn retain_recent(&self) {
+        self.inner.blocked.retain_recent();
+        if let Some(local) = &self.inner.local {
+            local.retain_recent();
+        }
+    }
+
+    fn health(&self) -> Health {
+        let fallback = match self.inner.local {
+            Some(_) => "limiting with this replica's memory until it answers",
+            None => "failing per the redis_failure policy until it answers",
+        };
+        match (self.inner.circuit.state(), self.inner.local.is_some()) {
+            (State::Up, _) => Health::Up,
+            (state, true) => Health::Degraded(format!("redis {state}; {fallback}")),
+            (state, false) => Health::Down(format!("redis {state}; {fallback}")),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
+
+impl Inner {
+    fn params(&self, limit: &Limit) -> Option<Params> {
+        self.limits
+            .iter()
+            .find(|(id, _)| *id == limit.id())
+            .map(|(_, p)| *p)
+    }
+
+    fn redis_key(&self, limit: &Limit, key: &RateKey) -> Vec<u8> {
+        let client = key.stable_id();
+        let mut out = Vec::with_capacity(self.prefix.len() + client.len() + limit.name().len() + 3);
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.push(b'{');
+        out.extend_from_slice(&client);
+        out.extend_from_slice(b"}:");
+        out.extend_from_slice(limit.name().as_bytes());
+        out
+    }
+
+    fn fallback(
+        &self,
+        limit: &Limit,
+        key: &RateKey,
+        err: BackendError,
+    ) -> Result<Decision, BackendError> {
+        match &self.local {
+            Some(local) => local.decide(limit, key),
+            None => Err(err),
+        }
+    }
+
+    /// Opens the circuit (logging once) and starts probing.
+    fn trip(self: &Arc<Self>, err: &BackendError) {
+        if self.circuit.set(State::Down) == State::Up {
+            log::warn!(
+                "redis unavailable ({err}); {} until it answers again",
+                self.policy()
+            );
+            *self.circuit.since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+        Inner::probe(self);
+    }
+
+    fn policy(&self) -> &'static str {
+        match self.local {
+            Some(_) => "limiting with this replica's own memory",
+            None => "applying the redis_failure policy",
+        }
+    }
+
+    /// Starts the background probe unless one runs: connect if needed, then
+    /// `PING` every [`PROBE_INTERVAL`] until Redis answers in time.
+    fn probe(self: &Arc<Self>) {
+        if self.circuit.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                match inner.ping().await {
+                    Ok(()) => break,
+                    Err(err) => {
+                        if inner.circuit.set(State::Down) == State::Connecting {
+                            log::warn!(
+                                "redis unavailable at startup ({err}); {} until it answers",
+                                inner.policy()
+                            );
+                            *inner
+                                .circuit
+                                .since
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                        }
+                    }
+                }
+                actix_web::rt::time::sleep(PROBE_INTERVAL).await;
+            }
+            inner.circuit.probing.store(false, Ordering::Release);
+            let before = inner.circuit.set(State::Up);
+            let since = inner
+                .circuit
+                .since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            match (before, since) {
+                (State::Connecting, _) => log::info!("connected to {}", inner.target_name()),
+                (_, Some(since)) => log::warn!(
+                    "redis answering again after {:.1?}; limits are shared again",
+                    since.elapsed()
+                ),
+                _ => log::warn!("redis answering again; limits are shared again"),
+            }
+        });
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        let conn = match self.conn.get() {
+            Some(conn) => conn.clone(),
+            None => {
+                let conn = actix_web::rt::time::timeout(
+                    self.timeout.max(Duration::from_secs(1)),
+                    self.connect(),
+                )
+                .await
+                .map_err(|_| BackendError::Timeout(self.timeout))?
+                .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+                self.conn.get_or_init(|| conn).clone()
+            }
+        };
+        let mut conn = conn;
+        let pong = actix_web::rt::time::timeout(
+            self.timeout.max(Duration::from_millis(200)),
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        match pong {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(BackendError::Unavailable(err.to_string())),
+            Err(_) => Err(BackendError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        match &self.target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                // Our probe retries; the manager should not back off for long.
+                let config = ConnectionManagerConfig::new()
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(10))
+                    .set_max_delay(Duration::from_millis(100))
+                    .set_connection_timeout(Some(Duration::from_secs(1)))
+                    .set_response_timeout(None);
+                Ok(Conn::Single(
+                    ConnectionManager::new_with_config(client, config).await?,
+                ))
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client =
+                    redis::cluster::ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+                        .connection_timeout(Duration::from_secs(1))
+                        .retries(2)
+                        .build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
+    fn target_name(&self) -> String {
+        match &self.target {
+            RedisTarget::Single(url) => format!("redis {}", redact_url(url)),
+            RedisTarget::Cluster(nodes) => format!(
+                "redis cluster {}",
+                nodes
+                    .iter()
+                    .map(|n| redact_url(n))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
+    }
+}
+
+/// Whether an error means Redis cannot answer (as opposed to refusing one
+/// command, which says nothing about the next).
+fn is_outage(err: &RedisError) -> bool {
+    !matches!(
+        err.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ResponseError | ServerErrorKind::CrossSlot | ServerErrorKind::NoPerm
+        ) | ErrorKind::UnexpectedReturnType
+            | ErrorKind::Parse
+            | ErrorKind::Extension
+    )
+}
+
+// === Circuit ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum State {
+    Connecting = 0,
+    Up = 1,
+    Down = 2,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Connecting => "not connected yet",
+            State::Up => "up",
+            State::Down => "unavailable",
+        })
+    }
+}
+
+#[derive(Default)]
+struct Circuit {
+    state: AtomicU8,
+    probing: AtomicBool,
+    since: Mutex<Option<Instant>>,
+}
+
+impl Circuit {
+    fn state(&self) -> State {
+        match self.state.load(Ordering::Acquire) {
+            0 => State::Connecting,
+            1 => State::Up,
+            _ => State::Down,
+        }
+    }
+
+    /// Sets the state, returning the previous one.
+    fn set(&self, state: State) -> State {
+        match self.state.swap(state as u8, Ordering::AcqRel) {
+            0 => State::Connecting,
+            1 => State::Up,
+            _ => State::Down,
+        }
+    }
+}
+
+// === Blocked ===
+
+/// Keys Redis refused, until when (see the module docs).
+#[derive(Default)]
+struct Blocked {
+    until: DashMap<u64, Instant>,
+    seed: RandomState,
+}
+
+impl Blocked {
+    fn digest(&self, limit: &Limit, key: &RateKey) -> u64 {
+        self.seed.hash_one((limit.id(), key))
+    }
+
+    fn get(&self, limit: &Limit, key: &RateKey) -> Option<Decision> {
+        if self.until.is_empty() {
+            return None;
+        }
+        let until = *self.until.get(&self.digest(limit, key))?;
+        let retry_after = until.checked_duration_since(Instant::now())?;
+        Some(Decision::Limited {
+            retry_after,
+            reset_after: retry_after + limit.tolerance(),
+        })
+    }
+
+    fn insert(&self, limit: &Limit, key: &RateKey, retry_after: Duration) {
+        if self.until.len() < BLOCKED_CAP {
+            self.until
+                .insert(self.digest(limit, key), Instant::now() + retry_after);
+        }
+    }
+
+    fn retain_recent(&self) {
+        let now = Instant::now();
+        self.until.retain(|_, until| *until > now);
+    }
+}
+
+// === Conn ===
+
+/// One connection shape for both deployments.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}

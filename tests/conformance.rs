@@ -1,0 +1,268 @@
+//! One set of cases, run against every backend: memory and Redis must agree
+//! on bursts, refill, remaining, retry-after and isolation (governor runs its
+//! tests against each state store the same way).
+
+mod support;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use floodgate::limiter::{Fallback, RedisTarget};
+use floodgate::{Backend, Decision, Limit, MemoryBackend, RateKey, RedisBackend};
+
+fn limit(rate: &str, burst: u32) -> Limit {
+    Limit::new(
+        "default",
+        rate.parse().unwrap(),
+        NonZeroU32::new(burst).unwrap(),
+    )
+}
+
+fn key(name: &str) -> RateKey {
+    RateKey::bytes(name.to_owned())
+}
+
+fn close(actual: Duration, expected: Duration, what: &str) {
+    let diff = actual.abs_diff(expected);
+    assert!(
+        diff <= Duration::from_millis(250),
+        "{what}: {actual:?} is not about {expected:?}"
+    );
+}
+
+async fn check(b: &dyn Backend, l: &Limit, k: &RateKey) -> Decision {
+    b.check(l, k).await.expect("backend answers")
+}
+
+// === the cases ===
+
+async fn burst_is_taken_then_limited(make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>) {
+    let l = limit("5/h", 5);
+    let b = make(&[&l]).await;
+    let k = key("burst");
+    for remaining in (0..5).rev() {
+        match check(&*b, &l, &k).await {
+            Decision::Allowed {
+                remaining: r,
+                reset_after,
+            } => {
+                assert_eq!(r, remaining);
+                assert_eq!(reset_after, l.emission_interval() * (5 - remaining));
+            }
+            limited => panic!("expected allowed, got {limited:?}"),
+        }
+    }
+    match check(&*b, &l, &k).await {
+        Decision::Limited {
+            retry_after,
+            reset_after,
+        } => {
+            close(retry_after, Duration::from_secs(720), "retry_after");
+            close(reset_after, Duration::from_secs(3600), "reset_after");
+        }
+        allowed => panic!("expected limited, got {allowed:?}"),
+    }
+}
+
+async fn a_refusal_takes_nothing(make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>) {
+    let l = limit("1/h", 1);
+    let b = make(&[&l]).await;
+    let k = key("refusal");
+    assert!(check(&*b, &l, &k).await.is_allowed());
+    let mut first = None;
+    for _ in 0..20 {
+        let Decision::Limited { retry_after, .. } = check(&*b, &l, &k).await else {
+            panic!("a refused key stays refused")
+        };
+        let first = *first.get_or_insert(retry_after);
+        close(
+            retry_after,
+            first,
+            "retry_after does not grow with refusals",
+        );
+    }
+}
+
+async fn cells_come_back_one_per_emission_interval(
+    make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>,
+) {
+    let l = limit("20/s", 2); // T = 50 ms
+    let b = make(&[&l]).await;
+    let k = key("refill");
+    assert!(check(&*b, &l, &k).await.is_allowed());
+    assert!(check(&*b, &l, &k).await.is_allowed());
+    let started = Instant::now();
+    let Decision::Limited { retry_after, .. } = check(&*b, &l, &k).await else {
+        panic!("burst of 2 is used up")
+    };
+    assert!(retry_after <= Duration::from_millis(50), "{retry_after:?}");
+    let mut allowed = false;
+    while started.elapsed() < support::patience() {
+        if check(&*b, &l, &k).await.is_allowed() {
+            allowed = true;
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(allowed, "a cell came back");
+    assert!(started.elapsed() >= retry_after.saturating_sub(Duration::from_millis(5)));
+    assert!(
+        !check(&*b, &l, &k).await.is_allowed(),
+        "only one cell came back"
+    );
+}
+
+async fn keys_are_isolated(make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>) {
+    let l = limit("2/h", 2);
+    let b = make(&[&l]).await;
+    for _ in 0..2 {
+        assert!(check(&*b, &l, &key("a")).await.is_allowed());
+    }
+    assert!(!check(&*b, &l, &key("a")).await.is_allowed());
+    assert_eq!(check(&*b, &l, &key("b")).await.remaining(), 1);
+    let ip = RateKey::ip("192.0.2.1".parse().unwrap());
+    let same_text = RateKey::header(actix_web::http::header::HeaderValue::from_static(
+        "192.0.2.1",
+    ));
+    assert!(check(&*b, &l, &ip).await.is_allowed());
+    assert!(check(&*b, &l, &ip).await.is_allowed());
+    assert!(!check(&*b, &l, &ip).await.is_allowed());
+    assert!(
+        check(&*b, &l, &same_text).await.is_allowed(),
+        "kinds never collide"
+    );
+}
+
+async fn limits_are_isolated(make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>) {
+    let per_hour = limit("1/h", 1);
+    let mut per_day = limit("1/d", 1);
+    per_day = Limit::new("daily", per_day.rate(), per_day.burst());
+    let b = make(&[&per_hour, &per_day]).await;
+    let k = key("multi");
+    assert!(check(&*b, &per_hour, &k).await.is_allowed());
+    assert!(!check(&*b, &per_hour, &k).await.is_allowed());
+    assert!(check(&*b, &per_day, &k).await.is_allowed());
+    let unknown = limit("1/h", 1);
+    assert!(
+        b.check(&unknown, &k).await.is_err(),
+        "an unregistered limit is an error"
+    );
+}
+
+async fn concurrent_checks_never_share_the_last_cell(
+    make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>,
+) {
+    let l = limit("20/h", 20);
+    let b = make(&[&l]).await;
+    let k = key("race");
+    let checks = (0..60).map(|_| b.check(&l, &k));
+    let decisions = futures_util::future::join_all(checks).await;
+    let allowed = decisions
+        .iter()
+        .filter(|d| d.as_ref().unwrap().is_allowed())
+        .count();
+    assert_eq!(allowed, 20);
+
+    // And from several threads at once.
+    let l2 = limit("30/h", 30);
+    let b2 = make(&[&l2]).await;
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let b2 = b2.clone();
+            let l2 = l2.clone();
+            std::thread::spawn(move || {
+                actix_web::rt::System::new().block_on(async move {
+                    let k = key("threads");
+                    let mut allowed = 0;
+                    for _ in 0..25 {
+                        allowed += usize::from(b2.check(&l2, &k).await.unwrap().is_allowed());
+                    }
+                    allowed
+                })
+            })
+        })
+        .collect();
+    // Join without blocking this runtime: it may be driving the connection.
+    let mut allowed = 0;
+    for t in threads {
+        allowed += actix_web::rt::task::spawn_blocking(move || t.join().unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(allowed, 30);
+}
+
+macro_rules! conformance {
+    ($make:expr) => {
+        #[actix_web::test]
+        async fn burst_is_taken_then_limited() {
+            super::burst_is_taken_then_limited($make).await
+        }
+        #[actix_web::test]
+        async fn a_refusal_takes_nothing() {
+            super::a_refusal_takes_nothing($make).await
+        }
+        #[actix_web::test]
+        async fn cells_come_back_one_per_emission_interval() {
+            super::cells_come_back_one_per_emission_interval($make).await
+        }
+        #[actix_web::test]
+        async fn keys_are_isolated() {
+            super::keys_are_isolated($make).await
+        }
+        #[actix_web::test]
+        async fn limits_are_isolated() {
+            super::limits_are_isolated($make).await
+        }
+        #[actix_web::test]
+        async fn concurrent_checks_never_share_the_last_cell() {
+            super::concurrent_checks_never_share_the_last_cell($make).await
+        }
+    };
+}
+
+mod memory {
+    use super::*;
+
+    async fn make(limits: &[&Limit]) -> Arc<dyn Backend> {
+        Arc::new(MemoryBackend::new(limits.iter().copied(), 10_000))
+    }
+
+    conformance!(make);
+}
+
+mod redis {
+    use super::*;
+    use support::RedisServer;
+
+    /// Each backend gets its own redis-server (kept alive for the process by
+    /// leaking it: test processes are short-lived, and Drop would stop it
+    /// while the backend is still in use).
+    async fn make(limits: &[&Limit]) -> Arc<dyn Backend> {
+        let server = Box::leak(Box::new(RedisServer::start()));
+        let backend = RedisBackend::new(
+            RedisTarget::Single(server.url()),
+            limits.iter().copied(),
+            "conformance:",
+            Duration::from_secs(2),
+            Fallback::Error,
+            10_000,
+        )
+        .unwrap();
+        // The connection is opened by a task on this runtime; wait for it.
+        backend.start();
+        let deadline = Instant::now() + support::patience();
+        while !backend.is_up() {
+            assert!(
+                Instant::now() < deadline,
+                "redis backend never came up; log:\n{}",
+                server.log()
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        Arc::new(backend)
+    }
+
+    conformance!(make);
+}
