@@ -24,6 +24,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_service::ServiceExt as _;
 use actix_web::body::{BodyStream, BoxBody, SizedStream};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::uri::{Authority, PathAndQuery, Scheme, Uri};
@@ -190,7 +191,16 @@ impl Upstream {
 
     /// The connection pool and client one worker uses.
     fn client(&self) -> awc::Client {
+        // awc's default TCP connector leaves Nagle's algorithm on; a proxy
+        // writes heads and body chunks separately and must not wait for ACKs.
+        let tcp = actix_tls::connect::Connector::default().service().map(
+            |conn: actix_tls::connect::Connection<Uri, actix_web::rt::net::TcpStream>| {
+                let _ = conn.io_ref().set_nodelay(true);
+                conn
+            },
+        );
         let connector = awc::Connector::new()
+            .connector(tcp)
             .timeout(self.timeout)
             .limit(0)
             .conn_keep_alive(POOL_IDLE);

@@ -175,6 +175,7 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
             .configure(proxy::configure(upstream.clone()))
     })
     .workers(settings.workers)
+    .tcp_nodelay(true)
     .keep_alive(KeepAlive::Timeout(KEEP_ALIVE))
     .client_request_timeout(settings.client_timeout)
     .shutdown_timeout(settings.shutdown_timeout.as_secs_f64().ceil() as u64)

@@ -306,7 +306,7 @@ pub enum BackendError {
     UnknownLimit(Arc<str>),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    #[error("unavailable: {0}")]
+    #[error("{0}")]
     Unavailable(String),
 }
 

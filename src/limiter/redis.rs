@@ -34,7 +34,9 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value};
+use redis::{
+    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
+};
 
 use super::{Backend, BackendError, Decision, Health, Limit, LimitId, MemoryBackend, RateKey};
 use crate::settings::redact_url;
@@ -392,7 +394,11 @@ impl Inner {
     async fn connect(&self) -> Result<Conn, RedisError> {
         match &self.target {
             RedisTarget::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
+                let info = url
+                    .as_str()
+                    .into_connection_info()?
+                    .set_tcp_settings(tcp_settings());
+                let client = redis::Client::open(info)?;
                 // Our probe retries; the manager should not back off for long.
                 let config = ConnectionManagerConfig::new()
                     .set_number_of_retries(1)
@@ -408,6 +414,7 @@ impl Inner {
                 let client =
                     redis::cluster::ClusterClientBuilder::new(nodes.iter().map(String::as_str))
                         .connection_timeout(Duration::from_secs(1))
+                        .tcp_settings(tcp_settings())
                         .retries(2)
                         .build()?;
                 Ok(Conn::Cluster(client.get_async_connection().await?))
@@ -428,6 +435,12 @@ impl Inner {
             ),
         }
     }
+}
+
+/// Pipelined decisions are small writes; Nagle's algorithm would hold each
+/// one back until the previous is acknowledged.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
 /// Whether an error means Redis cannot answer (as opposed to refusing one
