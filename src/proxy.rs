@@ -1,7 +1,6 @@
 //! Forwarding to the one configured upstream, streaming both ways.
 //!
-//! Learned from actix's `http-proxy` example (`request_from` + `send_stream`),
-//! then finished: every hop-by-hop header is stripped in both directions (plus
+//! Learned from actix's `http-proxy` example, then finished: every hop-by-hop header is stripped in both directions (plus
 //! any the `Connection` header names), `X-Forwarded-*` are set, the request URI
 //! is rebuilt from the upstream's scheme and authority so no request target can
 //! point floodgate elsewhere, and every wait has a deadline:
@@ -15,41 +14,38 @@
 //!   (nginx's `client_body_timeout`); past it, `408`.
 //!
 //! Nothing is buffered whole: a request body is handed to the upstream chunk by
-//! chunk as it arrives, and a response body the same way back.
+//! chunk as it arrives, and a response body the same way back. The HTTP/1.1
+//! client itself is [`client`] (why not awc is explained there).
 
 mod body;
+pub mod client;
 mod websocket;
 
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_service::ServiceExt as _;
+use actix_http::{RequestHead, ResponseHead};
 use actix_web::body::{BodyStream, BoxBody, SizedStream};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
-use awc::error::{ConnectError, SendRequestError};
 use ipnet::IpNet;
 
 use crate::error::ProxyError;
 use crate::key::canonical;
 use crate::metrics::Metrics;
 
-use body::{BodyError, Progress, RequestBody, ResponseBody};
+use body::{BodyError, Progress, RequestBody};
+use client::{ExchangeError, ResponseBody, UpstreamClient};
 
 /// Default for `FLOODGATE_UPSTREAM_TIMEOUT`.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default for `FLOODGATE_CLIENT_TIMEOUT`, nginx's `client_body_timeout`.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How long an idle pooled upstream connection is kept. Below the 5 s idle
-/// timeout of Node.js, uvicorn and others, so floodgate never reuses a
-/// connection at the moment the upstream closes it (which would turn into a
-/// spurious 502); under load, connections are never idle this long anyway.
-const POOL_IDLE: Duration = Duration::from_secs(4);
 
 /// Which `Host` the upstream sees (`FLOODGATE_HOST_HEADER`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -188,35 +184,12 @@ impl Upstream {
         let addr = canonical(addr);
         self.trusted.iter().any(|net| net.contains(&addr))
     }
-
-    /// The connection pool and client one worker uses.
-    fn client(&self) -> awc::Client {
-        // awc's default TCP connector leaves Nagle's algorithm on; a proxy
-        // writes heads and body chunks separately and must not wait for ACKs.
-        let tcp = actix_tls::connect::Connector::default().service().map(
-            |conn: actix_tls::connect::Connection<Uri, actix_web::rt::net::TcpStream>| {
-                let _ = conn.io_ref().set_nodelay(true);
-                conn
-            },
-        );
-        let connector = awc::Connector::new()
-            .connector(tcp)
-            .timeout(self.timeout)
-            .limit(0)
-            .conn_keep_alive(POOL_IDLE);
-        awc::Client::builder()
-            .connector(connector)
-            .disable_redirects()
-            .no_default_headers()
-            .disable_timeout()
-            .finish()
-    }
 }
 
 /// Registers the forwarding service as the default service of an `App`.
 ///
-/// Call it inside the `HttpServer::new` factory: it builds one awc client (and
-/// so one connection pool) per worker, since `awc::Client` is not `Send`.
+/// Call it inside the `HttpServer::new` factory: it builds one connection
+/// pool per worker (pools are per thread, without locks).
 ///
 /// ```no_run
 /// use actix_web::{App, HttpServer};
@@ -232,8 +205,10 @@ impl Upstream {
 /// ```
 pub fn configure(upstream: Upstream) -> impl Fn(&mut web::ServiceConfig) + Clone {
     move |cfg: &mut web::ServiceConfig| {
+        let host = upstream.authority.host();
+        let port = upstream.authority.port_u16().unwrap_or(80);
         let forwarder = Forwarder {
-            client: upstream.client(),
+            client: Rc::new(UpstreamClient::new(host, port)),
             upstream: upstream.clone(),
         };
         cfg.app_data(web::Data::new(forwarder))
@@ -241,9 +216,9 @@ pub fn configure(upstream: Upstream) -> impl Fn(&mut web::ServiceConfig) + Clone
     }
 }
 
-/// One worker's client and the upstream it talks to.
+/// One worker's connection pool and the upstream it talks to.
 pub struct Forwarder {
-    client: awc::Client,
+    client: Rc<UpstreamClient>,
     upstream: Upstream,
 }
 
@@ -257,60 +232,69 @@ pub async fn forward(
     if req.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
     }
-    let uri = upstream.uri_for(req.uri())?;
+    let mut head = RequestHead::default();
+    head.method = req.method().clone();
+    head.uri = upstream.uri_for(req.uri())?;
     let websocket = is_websocket_upgrade(req.headers());
-    let mut headers = req.headers().clone();
-    strip_hop_by_hop(&mut headers, websocket);
-    headers.remove(header::EXPECT);
-    set_forwarded(&req, upstream, &mut headers);
+    head.headers = req.headers().clone();
+    strip_hop_by_hop(&mut head.headers, websocket);
+    head.headers.remove(header::EXPECT);
+    set_forwarded(&req, upstream, &mut head.headers);
     if upstream.host_header == HostHeader::Upstream {
-        headers.insert(
+        head.headers.insert(
             header::HOST,
             HeaderValue::from_str(upstream.authority.as_str())
                 .map_err(|e| ProxyError::Internal(e.to_string()))?,
         );
     }
-
     if websocket {
-        return websocket::tunnel(&req, payload.into_inner(), upstream, uri, headers)
-            .await
-            .map_err(|e| upstream.count(e));
+        head.set_connection_type(actix_http::ConnectionType::Upgrade);
     }
 
-    let mut request = forwarder.client.request(req.method().clone(), uri);
-    *request.headers_mut() = headers;
-
+    let client = &forwarder.client;
+    let timeout = upstream.timeout;
     let body_len = content_length(req.headers())?;
     let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    let no_body = client::RequestBody::<RequestBody<web::Payload>>::None;
+    if websocket {
+        let exchange = client.exchange(head, no_body, timeout);
+        let (response, body) = deadline(exchange, timeout, None)
+            .await
+            .map_err(|e| upstream.count(exchange_error(e, timeout)))?;
+        if response.status == StatusCode::SWITCHING_PROTOCOLS {
+            return websocket::join(&req, payload.into_inner(), response, body);
+        }
+        return Ok(respond(&req, response, body));
+    }
     let sent = if body_len.is_none() && !chunked {
-        let send = request.send_body(actix_web::body::None::new());
-        deadline(send, upstream.timeout, None).await
+        deadline(client.exchange(head, no_body, timeout), timeout, None).await
     } else {
         let progress = Progress::new();
-        let body = RequestBody::new(
-            payload.into_inner(),
-            progress.clone(),
-            upstream.client_timeout,
-        );
-        let send = match body_len {
-            Some(len) => request.send_body(SizedStream::new(len, body)),
-            None => request.send_body(BodyStream::new(body)),
+        let body = RequestBody::new(payload, progress.clone(), upstream.client_timeout);
+        let body = match body_len {
+            Some(len) => client::RequestBody::Sized(len, body),
+            None => client::RequestBody::Chunked(body),
         };
-        deadline(send, upstream.timeout, Some(progress)).await
+        deadline(
+            client.exchange(head, body, timeout),
+            timeout,
+            Some(progress),
+        )
+        .await
     };
-    let response = sent.map_err(|e| upstream.count(upstream_error(e, upstream.timeout)))?;
-    Ok(respond(&req, response, upstream.timeout))
+    let (response, body) = sent.map_err(|e| upstream.count(exchange_error(e, timeout)))?;
+    Ok(respond(&req, response, body))
 }
 
 /// Races the upstream exchange against the upstream deadline (see the module
 /// docs). Without a body the deadline is simply `timeout` from now.
 async fn deadline<F, T>(
-    send: F,
+    exchange: F,
     timeout: Duration,
     progress: Option<Progress>,
-) -> Result<T, SendRequestError>
+) -> Result<T, ExchangeError>
 where
-    F: Future<Output = Result<T, SendRequestError>>,
+    F: Future<Output = Result<T, ExchangeError>>,
 {
     let watchdog = async {
         match progress {
@@ -320,31 +304,26 @@ where
     };
     tokio::select! {
         biased;
-        res = send => res,
-        () = watchdog => Err(SendRequestError::Timeout),
+        res = exchange => res,
+        () = watchdog => Err(ExchangeError::Timeout),
     }
 }
 
-fn upstream_error(err: SendRequestError, timeout: Duration) -> ProxyError {
+fn exchange_error(err: ExchangeError, timeout: Duration) -> ProxyError {
     match err {
-        SendRequestError::Timeout | SendRequestError::Connect(ConnectError::Timeout) => {
-            ProxyError::UpstreamTimeout(timeout)
-        }
-        SendRequestError::Body(err) => match err.downcast_ref::<BodyError>() {
-            Some(BodyError::ClientIdle(after)) => ProxyError::ClientTimeout(*after),
-            Some(BodyError::Client(msg)) => ProxyError::ClientBody(msg.clone()),
-            Some(BodyError::UpstreamIdle(_)) | None => ProxyError::UpstreamConnect(err.to_string()),
-        },
+        ExchangeError::Timeout => ProxyError::UpstreamTimeout(timeout),
+        ExchangeError::Body(BodyError::ClientIdle(after)) => ProxyError::ClientTimeout(after),
+        ExchangeError::Body(err) => ProxyError::ClientBody(err.to_string()),
         other => ProxyError::UpstreamConnect(other.to_string()),
     }
 }
 
 /// The client's answer: the upstream's status, end-to-end headers and body.
-fn respond(req: &HttpRequest, response: awc::ClientResponse, timeout: Duration) -> HttpResponse {
-    let status = response.status();
-    let mut headers = response.headers().clone();
+fn respond(req: &HttpRequest, mut response: ResponseHead, body: ResponseBody) -> HttpResponse {
+    let status = response.status;
+    let length = content_length(&response.headers).ok().flatten();
+    let mut headers = std::mem::take(&mut response.headers);
     strip_hop_by_hop(&mut headers, false);
-    let length = content_length(response.headers()).ok().flatten();
     let mut res = HttpResponse::new(status);
     *res.headers_mut() = headers;
     let no_body = status.is_informational()
@@ -353,12 +332,11 @@ fn respond(req: &HttpRequest, response: awc::ClientResponse, timeout: Duration) 
     if no_body {
         return res;
     }
-    let stream = ResponseBody::new(response, timeout);
     let body = match length {
-        Some(len) => BoxBody::new(SizedStream::new(len, stream)),
+        Some(len) => BoxBody::new(SizedStream::new(len, body)),
         // A HEAD answer has no body; its length header (if any) was kept above.
         None if req.method() == Method::HEAD => BoxBody::new(actix_web::body::None::new()),
-        None => BoxBody::new(BodyStream::new(stream)),
+        None => BoxBody::new(BodyStream::new(body)),
     };
     res.set_body(body)
 }

@@ -53,7 +53,8 @@ impl Floodgate {
                 };
                 let fallback = match redis.failure {
                     RedisFailure::Local => Fallback::Local,
-                    RedisFailure::Open | RedisFailure::Closed => Fallback::Error,
+                    RedisFailure::Open => Fallback::Open,
+                    RedisFailure::Closed => Fallback::Closed,
                 };
                 Arc::new(
                     RedisBackend::new(

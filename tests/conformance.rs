@@ -246,7 +246,7 @@ mod redis {
             limits.iter().copied(),
             "conformance:",
             Duration::from_secs(2),
-            Fallback::Error,
+            Fallback::Closed,
             10_000,
         )
         .unwrap();

@@ -335,3 +335,91 @@ fn expect_continue_uploads_work() {
         "floodgate answers the expectation itself"
     );
 }
+
+/// An upstream answering every request on a connection with `answer`, then
+/// closing it after `per_connection` answers.
+fn scripted_upstream(
+    answer: &'static [u8],
+    per_connection: usize,
+) -> support::upstream::RawUpstream {
+    support::raw_upstream(move |stream| {
+        use std::io::{BufReader, Write};
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut stream = stream;
+        for _ in 0..per_connection {
+            let head = support::upstream::read_head(&mut reader);
+            if head.is_empty() {
+                return;
+            }
+            if stream.write_all(answer).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn a_body_delimited_by_connection_close_arrives_whole() {
+    let up = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nstreamed until the end",
+        1,
+    );
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(fg.addr, "GET", "/", &[], b"");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.text(), "streamed until the end");
+}
+
+#[test]
+fn http_1_0_upstreams_work() {
+    let up = scripted_upstream(b"HTTP/1.0 200 OK\r\n\r\nold school", 1);
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(fg.addr, "GET", "/", &[], b"");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.text(), "old school");
+}
+
+#[test]
+fn interim_answers_are_not_relayed() {
+    let up = scripted_upstream(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+        1,
+    );
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let res = request(fg.addr, "GET", "/", &[], b"");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.text(), "final");
+}
+
+#[test]
+fn an_idle_connection_the_upstream_closed_is_not_a_502() {
+    // Keep-alive answers, but the upstream closes each connection after one
+    // exchange without saying so: the pooled connection is dead when reused.
+    let up = scripted_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 1);
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    for i in 0..5 {
+        let res = request(fg.addr, "GET", "/", &[], b"");
+        assert_eq!(res.status, 200, "request {i}");
+        assert_eq!(res.text(), "ok");
+    }
+}
+
+#[test]
+fn upstream_connections_are_reused() {
+    let up = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        usize::MAX,
+    );
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_WORKERS", "1")
+        .run();
+    for _ in 0..20 {
+        assert_eq!(request(fg.addr, "GET", "/", &[], b"").status, 200);
+    }
+    assert_eq!(
+        up.connections(),
+        1,
+        "one keep-alive connection served every request"
+    );
+}

@@ -86,13 +86,17 @@ pub enum RedisTarget {
     Cluster(Vec<String>),
 }
 
-/// What decides while Redis cannot.
+/// What decides while Redis cannot (`FLOODGATE_REDIS_FAILURE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fallback {
     /// This replica's own in-memory limiter, with the same limits.
     Local,
-    /// Return the error: the middleware's failure policy (open or closed) applies.
-    Error,
+    /// Return the error; the middleware lets the request through
+    /// ([`FailurePolicy::Open`](crate::FailurePolicy::Open)). Still ready.
+    Open,
+    /// Return the error; the middleware answers 503
+    /// ([`FailurePolicy::Closed`](crate::FailurePolicy::Closed)). Not ready.
+    Closed,
 }
 
 /// Limiter state in Redis. Build it once and share it; [`Backend::start`]
@@ -109,6 +113,7 @@ struct Inner {
     timeout: Duration,
     limits: Vec<(LimitId, Params)>,
     local: Option<MemoryBackend>,
+    fallback: Fallback,
     circuit: Circuit,
     blocked: Blocked,
 }
@@ -166,6 +171,7 @@ impl RedisBackend {
                     .map(|l| (l.id(), Params::new(l)))
                     .collect(),
                 local,
+                fallback,
                 circuit: Circuit::default(),
                 blocked: Blocked::default(),
             }),
@@ -252,14 +258,14 @@ impl Backend for RedisBackend {
     }
 
     fn health(&self) -> Health {
-        let fallback = match self.inner.local {
-            Some(_) => "limiting with this replica's memory until it answers",
-            None => "failing per the redis_failure policy until it answers",
-        };
-        match (self.inner.circuit.state(), self.inner.local.is_some()) {
-            (State::Up, _) => Health::Up,
-            (state, true) => Health::Degraded(format!("redis {state}; {fallback}")),
-            (state, false) => Health::Down(format!("redis {state}; {fallback}")),
+        let state = self.inner.circuit.state();
+        if state == State::Up {
+            return Health::Up;
+        }
+        let note = format!("redis {state}; {} until it answers", self.inner.policy());
+        match self.inner.fallback {
+            Fallback::Local | Fallback::Open => Health::Degraded(note),
+            Fallback::Closed => Health::Down(note),
         }
     }
 
@@ -312,9 +318,10 @@ impl Inner {
     }
 
     fn policy(&self) -> &'static str {
-        match self.local {
-            Some(_) => "limiting with this replica's own memory",
-            None => "applying the redis_failure policy",
+        match self.fallback {
+            Fallback::Local => "limiting with this replica's own memory",
+            Fallback::Open => "letting requests through unlimited",
+            Fallback::Closed => "refusing requests with 503",
         }
     }
 

@@ -1,11 +1,9 @@
-//! Body streams with deadlines.
+//! The request body's deadlines.
 //!
-//! [`RequestBody`] hands the client's body to awc chunk by chunk, fails it
-//! with [`BodyError::ClientIdle`] when the client stops sending, and records
-//! each hand-over in a [`Progress`], which the upstream deadline watches.
-//! [`ResponseBody`] streams the upstream's body back and fails it when the
-//! upstream stops sending, so the client sees a truncated response (the
-//! connection closes) rather than a hang.
+//! [`RequestBody`] hands the client's body to the upstream chunk by chunk,
+//! fails it with [`BodyError::ClientIdle`] when the client stops sending, and
+//! records each hand-over in a [`Progress`], which the upstream deadline
+//! watches. (The response side is `client::ResponseBody`.)
 //!
 //! Timers are armed only when a stream actually has to wait, and re-armed
 //! only after data moved, so a stream that is not polled (because the other
@@ -30,6 +28,8 @@ pub enum BodyError {
     Client(String),
     #[error("upstream sent no body bytes for {0:?}")]
     UpstreamIdle(Duration),
+    #[error("{0}")]
+    Upstream(String),
 }
 
 // === Progress ===
@@ -156,73 +156,23 @@ where
     }
 }
 
-// === ResponseBody ===
-
-/// The upstream's response body on its way to the client.
-pub struct ResponseBody<S> {
-    inner: S,
-    idle: Duration,
-    timer: IdleTimer,
-}
-
-impl<S> ResponseBody<S> {
-    pub fn new(inner: S, idle: Duration) -> Self {
-        ResponseBody {
-            inner,
-            idle,
-            timer: IdleTimer::default(),
-        }
-    }
-}
-
-impl<S, E> Stream for ResponseBody<S>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: Into<Box<dyn std::error::Error>> + std::fmt::Display,
-{
-    type Item = Result<Bytes, Box<dyn std::error::Error>>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                this.timer.disarm();
-                Poll::Ready(Some(Ok(chunk)))
-            }
-            Poll::Ready(Some(Err(err))) => {
-                log::warn!("upstream response body failed, closing the client connection: {err}");
-                Poll::Ready(Some(Err(err.into())))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => {
-                ready!(this.timer.poll_expired(this.idle, cx));
-                log::warn!(
-                    "upstream sent no body bytes for {:?}, closing the client connection",
-                    this.idle
-                );
-                Poll::Ready(Some(Err(BodyError::UpstreamIdle(this.idle).into())))
-            }
-        }
-    }
-}
-
 // === IdleTimer ===
 
 /// A lazily allocated timer, armed when a stream starts waiting and disarmed
 /// when data moves.
 #[derive(Default)]
-struct IdleTimer {
+pub struct IdleTimer {
     sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
 }
 
 impl IdleTimer {
-    fn disarm(&mut self) {
+    pub fn disarm(&mut self) {
         self.armed = false;
     }
 
     /// Ready once `idle` has passed since the stream started waiting.
-    fn poll_expired(&mut self, idle: Duration, cx: &mut Context<'_>) -> Poll<()> {
+    pub fn poll_expired(&mut self, idle: Duration, cx: &mut Context<'_>) -> Poll<()> {
         if !self.armed {
             let deadline = Instant::now() + idle;
             match &mut self.sleep {
