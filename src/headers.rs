@@ -14,7 +14,6 @@
 //! epoch). Headers of the same names from the upstream are replaced, so a
 //! client never sees two answers to one question.
 
-use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -85,9 +84,13 @@ impl LimitHeaders {
             HeaderStyle::None => {}
             HeaderStyle::Ietf => {
                 headers.insert(RATELIMIT_POLICY, self.policy.clone());
-                let mut value = String::with_capacity(self.item_prefix.len() + 24);
-                value.push_str(&self.item_prefix);
-                let _ = write!(value, "r={remaining};t={reset}");
+                let mut numbers = itoa::Buffer::new();
+                let mut value = Vec::with_capacity(self.item_prefix.len() + 24);
+                value.extend_from_slice(self.item_prefix.as_bytes());
+                value.extend_from_slice(b"r=");
+                value.extend_from_slice(numbers.format(remaining).as_bytes());
+                value.extend_from_slice(b";t=");
+                value.extend_from_slice(numbers.format(reset).as_bytes());
                 headers.insert(RATELIMIT, header_value(value));
             }
             HeaderStyle::Legacy => {
@@ -131,8 +134,9 @@ fn sf_string(s: &str) -> String {
     out
 }
 
-fn header_value(s: String) -> HeaderValue {
-    HeaderValue::try_from(s).expect("built only from an sf-string and digits")
+fn header_value(bytes: Vec<u8>) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes))
+        .expect("built only from an sf-string and digits")
 }
 
 #[cfg(test)]

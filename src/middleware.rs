@@ -201,7 +201,11 @@ where
                     return Ok(req.into_response(res).map_into_right_body());
                 }
             };
-            let decision = match config.backend.check(&config.limit, &key).await {
+            let checked = match config.backend.try_check(&config.limit, &key) {
+                Some(checked) => checked,
+                None => config.backend.check(&config.limit, &key).await,
+            };
+            let decision = match checked {
                 Ok(decision) => decision,
                 Err(err) => return on_backend_error(&config, req, &key, err, &service).await,
             };

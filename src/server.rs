@@ -175,6 +175,7 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
             .wrap(rate_limit.clone())
             .configure(proxy::configure(upstream.clone()))
     })
+    .on_connect(proxy::on_connect(&floodgate.upstream))
     .workers(settings.workers)
     .tcp_nodelay(true)
     .keep_alive(KeepAlive::Timeout(KEEP_ALIVE))

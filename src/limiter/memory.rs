@@ -136,6 +136,10 @@ where
         self.decide(limit, key)
     }
 
+    fn try_check(&self, limit: &Limit, key: &RateKey) -> Option<Result<Decision, BackendError>> {
+        Some(self.decide(limit, key))
+    }
+
     fn retain_recent(&self) {
         for (_, _, limiter) in &self.limiters {
             limiter.retain_recent();

@@ -268,6 +268,14 @@ pub trait Backend: Send + Sync {
     /// failure policy.
     async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError>;
 
+    /// The same decision without waiting, when the backend can make it
+    /// locally (memory always; Redis for a refusal it still remembers).
+    /// `None` means: call [`check`](Self::check). The middleware tries this
+    /// first, which spares the boxed future on the hot path.
+    fn try_check(&self, _limit: &Limit, _key: &RateKey) -> Option<Result<Decision, BackendError>> {
+        None
+    }
+
     /// Runs once when the server starts, inside its runtime and before the
     /// first request: opens connections and starts background tasks.
     fn start(&self) {}

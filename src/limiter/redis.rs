@@ -246,6 +246,10 @@ impl Backend for RedisBackend {
         }
     }
 
+    fn try_check(&self, limit: &Limit, key: &RateKey) -> Option<Result<Decision, BackendError>> {
+        self.inner.blocked.get(limit, key).map(Ok)
+    }
+
     fn start(&self) {
         Inner::probe(&self.inner);
     }

@@ -1,38 +1,42 @@
 //! floodgate's HTTP/1.1 client for its one upstream: a per-worker pool of
-//! keep-alive connections, each a `Framed` over actix-http's client codec.
+//! keep-alive connections, each with its own read and write buffers.
 //!
 //! Why not awc: awc 3.11 reports a chunked response body cut short by the
 //! upstream as complete (its payload stream turns connection EOF into a clean
 //! end, so the client would get a well-formed but truncated response), reads
-//! no body at all from an HTTP/1.1 response delimited by connection close, and
-//! builds a new codec, with a new date-service task, for every request. Here
-//! the codec (with its buffers) lives as long as the connection, a body
-//! that ends early is an error the client sees as a closed connection, and a
-//! close-delimited body is read to its end.
+//! no body at all from an HTTP/1.1 response delimited by connection close,
+//! adds a `Date` header to every request, and builds a new codec (with a
+//! date-service task) per request. This client writes the request head
+//! straight from the client's headers into the connection's buffer (no
+//! intermediate header map), parses the answer with httparse (as actix-http
+//! does), frames bodies itself (length, chunked, or until close), and treats a
+//! body that ends early as an error, which the client sees as a connection
+//! closed mid-body.
 //!
 //! The pool is per worker (no locks): most recently used connection first,
-//! idle connections closed after [`POOL_IDLE`]. A bodiless request that fails
-//! on a reused connection before any byte of an answer arrived is retried
-//! once on a fresh one: that is the upstream closing an idle connection just
-//! as floodgate reused it, not an upstream fault.
+//! idle connections closed after [`POOL_IDLE`]. A bodiless idempotent request
+//! that fails on a reused connection before any byte of an answer arrived is
+//! sent again once on a fresh connection: that is the upstream having closed
+//! the connection while it was idle, not an upstream fault (nginx's
+//! `proxy_next_upstream error` does the same).
 
-use std::cell::{OnceCell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use actix_codec::Framed;
-use actix_http::h1::{ClientCodec, ClientPayloadCodec, Message, MessageType};
-use actix_http::{RequestHead, RequestHeadType, ResponseHead, ServiceConfig, Version};
-use actix_web::body::BodySize;
-use actix_web::http::header::{self, HeaderMap};
-use actix_web::http::{Method, StatusCode};
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode, Version};
 use actix_web::rt::net::TcpStream;
-use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, Stream, StreamExt};
+use std::fmt::Write as _;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use tokio::io::AsyncWriteExt;
 
 use super::body::{BodyError, IdleTimer};
 
@@ -41,14 +45,17 @@ use super::body::{BodyError, IdleTimer};
 /// upstream is closing; under load connections are never idle this long.
 pub const POOL_IDLE: Duration = Duration::from_secs(4);
 
-/// Idle connections kept per worker at most (nginx's `keepalive` in the
-/// benchmark's configuration is 256 too).
+/// Idle connections kept per worker at most (the benchmark's nginx keeps 256).
 const POOL_MAX: usize = 256;
 
-/// Read size for close-delimited bodies.
-const READ_CHUNK: usize = 16 * 1024;
+/// Headers parsed per answer at most, as actix-http's own limit.
+const MAX_HEADERS: usize = 96;
 
-type Conn = Framed<TcpStream, ClientCodec>;
+/// Largest answer head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,10 +64,12 @@ pub enum ExchangeError {
     Connect(io::Error),
     #[error("sending the request: {0}")]
     Send(io::Error),
+    #[error("reading the answer: {0}")]
+    Receive(io::Error),
     #[error("the upstream closed the connection without answering")]
     Closed,
-    #[error("the upstream sent an invalid response: {0}")]
-    Invalid(String),
+    #[error("the upstream sent an invalid answer: {0}")]
+    Invalid(&'static str),
     /// The client's body failed (idle or broken); not the upstream's fault.
     #[error("{0}")]
     Body(BodyError),
@@ -69,13 +78,15 @@ pub enum ExchangeError {
     Timeout,
 }
 
-/// One worker's connections to the upstream.
-pub struct UpstreamClient {
-    host: String,
-    port: u16,
-    /// Created on first use: it starts a date-service task on the runtime.
-    config: OnceCell<ServiceConfig>,
-    idle: RefCell<VecDeque<(Conn, Instant)>>,
+impl ExchangeError {
+    /// The connection failed before any answer: on a reused connection, the
+    /// upstream had closed it while it was idle.
+    fn dead_connection(&self) -> bool {
+        matches!(
+            self,
+            ExchangeError::Send(_) | ExchangeError::Receive(_) | ExchangeError::Closed
+        )
+    }
 }
 
 /// A request body on its way: nothing, `Content-Length` bytes, or chunked.
@@ -83,6 +94,29 @@ pub enum RequestBody<S> {
     None,
     Sized(u64, S),
     Chunked(S),
+}
+
+/// The head of the upstream's answer, end-to-end headers only.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The `Content-Length` the answer declared (also for `HEAD`).
+    pub content_length: Option<u64>,
+    pub body: ResponseBody,
+}
+
+/// One connection to the upstream with its buffers.
+struct Conn {
+    io: TcpStream,
+    read: BytesMut,
+    write: BytesMut,
+}
+
+/// One worker's connections to the upstream.
+pub struct UpstreamClient {
+    host: String,
+    port: u16,
+    idle: RefCell<VecDeque<(Conn, Instant)>>,
 }
 
 impl UpstreamClient {
@@ -94,7 +128,6 @@ impl UpstreamClient {
                 .trim_end_matches(']')
                 .to_owned(),
             port,
-            config: OnceCell::new(),
             idle: RefCell::new(VecDeque::new()),
         }
     }
@@ -104,6 +137,15 @@ impl UpstreamClient {
         let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
         tcp.set_nodelay(true)?;
         Ok(tcp)
+    }
+
+    async fn fresh(&self) -> Result<Conn, ExchangeError> {
+        let io = self.connect().await.map_err(ExchangeError::Connect)?;
+        Ok(Conn {
+            io,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            write: BytesMut::with_capacity(4096),
+        })
     }
 
     fn checkout(&self) -> Option<Conn> {
@@ -131,46 +173,51 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends `head` and `body` and reads the answer's head. The body of the
-    /// answer streams from the returned [`ResponseBody`]; the connection goes
-    /// back to the pool once it is read to the end.
+    /// Sends a request and reads the head of its answer. `write_head` writes
+    /// the request line and headers (each line ending in CRLF, without the
+    /// blank line); the framing header and the blank line are added here.
+    /// The answer's body streams from [`Answer::body`]; the connection goes
+    /// back to the pool once that is read to its end.
     pub async fn exchange<S>(
         self: &Rc<Self>,
-        mut head: RequestHead,
+        method: &Method,
+        write_head: impl Fn(&mut BytesMut),
         body: RequestBody<S>,
         idle_timeout: Duration,
-    ) -> Result<(ResponseHead, ResponseBody), ExchangeError>
+    ) -> Result<Answer, ExchangeError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
     {
-        head.version = Version::HTTP_11;
-        if !head.headers.contains_key(header::HOST) {
-            let host = match self.port {
-                80 => self.host.clone(),
-                port if self.host.contains(':') => format!("[{}]:{port}", self.host),
-                port => format!("{}:{port}", self.host),
-            };
-            if let Ok(value) = header::HeaderValue::try_from(host) {
-                head.headers.insert(header::HOST, value);
-            }
-        }
-        let method = head.method.clone();
-        let size = match &body {
-            RequestBody::None => BodySize::None,
-            RequestBody::Sized(len, _) => BodySize::Sized(*len),
-            RequestBody::Chunked(_) => BodySize::Stream,
+        let (framing, sized): (&[u8], Option<u64>) = match &body {
+            RequestBody::None => (b"", None),
+            RequestBody::Sized(len, _) => (b"content-length: ", Some(*len)),
+            RequestBody::Chunked(_) => (b"transfer-encoding: chunked\r\n", None),
         };
-        let head = Rc::new(head);
+        let head = |out: &mut BytesMut| {
+            out.clear();
+            write_head(out);
+            out.extend_from_slice(framing);
+            if let Some(len) = sized {
+                out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+        };
 
         let mut conn = match self.checkout() {
-            // A reused connection may have been closed by the upstream while
-            // idle. For a bodiless idempotent request that is harmless to
-            // find out: send, wait for the first byte of an answer, and on
-            // EOF or error send again on a fresh connection (as nginx's
-            // `proxy_next_upstream error` does).
-            Some(conn) if matches!(body, RequestBody::None) && method.is_idempotent() => {
-                match send_and_peek(conn, &head, size).await {
-                    Ok(conn) => return self.read_head(conn, &method, idle_timeout).await,
+            Some(mut conn) if matches!(body, RequestBody::None) && method.is_idempotent() => {
+                head(&mut conn.write);
+                match conn.send_buffered().await {
+                    Ok(()) => match conn.read_head(method).await {
+                        Ok(parsed) => return Ok(self.answer(conn, parsed, idle_timeout)),
+                        Err(err) if err.dead_connection() && conn.read.is_empty() => {
+                            log::debug!(
+                                "reused upstream connection was dead ({err}); retrying on a new one"
+                            );
+                            self.fresh().await?
+                        }
+                        Err(err) => return Err(err),
+                    },
                     Err(err) => {
                         log::debug!(
                             "reused upstream connection was dead ({err}); retrying on a new one"
@@ -183,209 +230,425 @@ impl UpstreamClient {
             None => self.fresh().await?,
         };
 
-        conn.send(Message::Item((RequestHeadType::Rc(head, None), size)))
-            .await
-            .map_err(ExchangeError::Send)?;
+        head(&mut conn.write);
         match body {
-            RequestBody::None => {}
-            RequestBody::Sized(_, mut stream) | RequestBody::Chunked(mut stream) => {
+            RequestBody::None => conn.send_buffered().await?,
+            RequestBody::Sized(_, mut stream) => {
+                conn.send_buffered().await?;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(ExchangeError::Body)?;
-                    conn.send(Message::Chunk(Some(chunk)))
+                    conn.io
+                        .write_all(&chunk)
                         .await
                         .map_err(ExchangeError::Send)?;
                 }
-                conn.send(Message::Chunk(None))
+            }
+            RequestBody::Chunked(mut stream) => {
+                conn.send_buffered().await?;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(ExchangeError::Body)?;
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    conn.write.clear();
+                    write!(&mut conn.write, "{:x}\r\n", chunk.len()).expect("a BytesMut grows");
+                    conn.send_buffered().await?;
+                    conn.io
+                        .write_all(&chunk)
+                        .await
+                        .map_err(ExchangeError::Send)?;
+                    conn.io
+                        .write_all(b"\r\n")
+                        .await
+                        .map_err(ExchangeError::Send)?;
+                }
+                conn.io
+                    .write_all(b"0\r\n\r\n")
                     .await
                     .map_err(ExchangeError::Send)?;
             }
         }
-        self.read_head(conn, &method, idle_timeout).await
+        let parsed = conn.read_head(method).await?;
+        Ok(self.answer(conn, parsed, idle_timeout))
     }
 
-    async fn fresh(&self) -> Result<Conn, ExchangeError> {
-        let tcp = self.connect().await.map_err(ExchangeError::Connect)?;
-        let config = self.config.get_or_init(ServiceConfig::default).clone();
-        Ok(Framed::new(tcp, ClientCodec::new(config)))
-    }
-
-    async fn read_head(
-        self: &Rc<Self>,
-        mut conn: Conn,
-        method: &Method,
-        idle_timeout: Duration,
-    ) -> Result<(ResponseHead, ResponseBody), ExchangeError> {
-        let head = loop {
-            match conn.next().await {
-                None => return Err(ExchangeError::Closed),
-                Some(Err(err)) => return Err(ExchangeError::Invalid(err.to_string())),
-                // Interim answers (100 Continue, 103 Early Hints) are not relayed.
-                Some(Ok(head))
-                    if head.status.is_informational()
-                        && head.status != StatusCode::SWITCHING_PROTOCOLS => {}
-                Some(Ok(head)) => break head,
-            }
-        };
-        let kind = match conn.codec_ref().message_type() {
-            MessageType::Payload => {
-                let delimited_by_close =
-                    head.version == Version::HTTP_10 && !has_framing(&head.headers);
-                BodyKind::Framed {
-                    framed: conn.into_map_codec(ClientCodec::into_payload_codec),
-                    delimited_by_close,
-                }
-            }
-            MessageType::Stream => raw(conn),
-            MessageType::None if close_delimited(&head, method) => raw(conn),
-            MessageType::None => {
-                if conn.codec_ref().keep_alive() {
-                    self.checkin(conn);
-                }
-                BodyKind::Done
-            }
-        };
-        let body = ResponseBody {
-            kind,
+    /// The answer, with its body framed as its head says.
+    fn answer(self: &Rc<Self>, conn: Conn, parsed: Parsed, idle_timeout: Duration) -> Answer {
+        let framing = parsed.framing;
+        let mut body = ResponseBody {
+            state: State::Done,
+            conn: Some(conn),
+            keep_alive: parsed.keep_alive,
             client: self.clone(),
             idle_timeout,
             timer: IdleTimer::default(),
         };
-        Ok((head, body))
+        body.state = match framing {
+            Framing::None => {
+                body.finish();
+                State::Done
+            }
+            Framing::Length(0) => {
+                body.finish();
+                State::Done
+            }
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::Close => State::Close,
+        };
+        Answer {
+            status: parsed.status,
+            headers: parsed.headers,
+            content_length: parsed.content_length,
+            body,
+        }
     }
 }
 
-/// Sends a bodiless request and waits until the answer starts to arrive,
-/// without consuming it; any failure before that means the connection was dead.
-async fn send_and_peek(mut conn: Conn, head: &Rc<RequestHead>, size: BodySize) -> io::Result<Conn> {
-    conn.send(Message::Item((
-        RequestHeadType::Rc(head.clone(), None),
-        size,
-    )))
-    .await?;
-    if conn.is_read_buf_empty() {
-        std::future::poll_fn(|cx| poll_peek_alive(conn.io_ref(), cx)).await?;
+/// How an answer's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection (HTTP/1.0 style, or after a
+    /// protocol switch).
+    Close,
+}
+
+struct Parsed {
+    status: StatusCode,
+    headers: HeaderMap,
+    content_length: Option<u64>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+impl Conn {
+    /// Writes the write buffer out.
+    async fn send_buffered(&mut self) -> Result<(), ExchangeError> {
+        let Conn { io, write, .. } = self;
+        io.write_all(write).await.map_err(ExchangeError::Send)?;
+        write.clear();
+        Ok(())
     }
-    Ok(conn)
-}
 
-/// Ready once the connection has something to read: `Ok` for data, an error
-/// for EOF (the upstream closed it) or a socket error.
-fn poll_peek_alive(io: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-    let mut byte = [0u8; 1];
-    let mut buf = tokio::io::ReadBuf::new(&mut byte);
-    match io.poll_peek(cx, &mut buf) {
-        Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
-        Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
-        Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
-        Poll::Pending => Poll::Pending,
+    /// Reads more into the read buffer; `Ok(0)` at EOF.
+    async fn fill(&mut self) -> io::Result<usize> {
+        if self.read.capacity() - self.read.len() < 1024 {
+            self.read.reserve(READ_CHUNK);
+        }
+        std::future::poll_fn(|cx| {
+            tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+        })
+        .await
+    }
+
+    /// Reads and parses an answer's head, skipping interim answers (100
+    /// Continue, 103 Early Hints), which are not relayed.
+    async fn read_head(&mut self, method: &Method) -> Result<Parsed, ExchangeError> {
+        loop {
+            if !self.read.is_empty() {
+                match parse_head(&mut self.read, method)? {
+                    Some(parsed)
+                        if parsed.status.is_informational()
+                            && parsed.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        continue;
+                    }
+                    Some(parsed) => return Ok(parsed),
+                    None if self.read.len() >= MAX_HEAD => {
+                        return Err(ExchangeError::Invalid("head too large"));
+                    }
+                    None => {}
+                }
+            }
+            match self.fill().await {
+                Ok(0) if self.read.is_empty() => return Err(ExchangeError::Closed),
+                Ok(0) => return Err(ExchangeError::Invalid("connection closed inside the head")),
+                Ok(_) => {}
+                Err(err) => return Err(ExchangeError::Receive(err)),
+            }
+        }
     }
 }
 
-/// `Content-Length` or `Transfer-Encoding` present.
-fn has_framing(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::CONTENT_LENGTH) || headers.contains_key(header::TRANSFER_ENCODING)
-}
+/// Parses a complete head off the front of `buf`, or `None` if incomplete.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, ExchangeError> {
+    let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
+        [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ExchangeError::Invalid("too many headers"));
+        }
+        Err(_) => return Err(ExchangeError::Invalid("malformed head")),
+    };
+    let status = response
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(ExchangeError::Invalid("bad status"))?;
+    let version = if response.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
 
-/// An HTTP/1.1 answer with a body but no framing: the body runs until the
-/// upstream closes the connection (RFC 9112 §6.3, rule 8).
-fn close_delimited(head: &ResponseHead, method: &Method) -> bool {
-    head.version == Version::HTTP_11
-        && *method != Method::HEAD
-        && !head.status.is_informational()
-        && head.status != StatusCode::NO_CONTENT
-        && head.status != StatusCode::NOT_MODIFIED
-        && !has_framing(&head.headers)
-}
-
-fn raw(conn: Conn) -> BodyKind {
-    let parts = conn.into_parts();
-    BodyKind::Raw {
-        early: Some(parts.read_buf.freeze()).filter(|b| !b.is_empty()),
-        io: parts.io,
+    // Positions of names and values, to slice the frozen head without copying.
+    let base = buf.as_ptr() as usize;
+    let mut connection_close = version == Version::HTTP_10;
+    let mut named: Vec<HeaderName> = Vec::new();
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_coded = false;
+    for h in response.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    connection_close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    if version == Version::HTTP_10 {
+                        connection_close = false;
+                    }
+                } else if let Ok(name) = HeaderName::from_bytes(token) {
+                    named.push(name);
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or(ExchangeError::Invalid("bad content-length"))?;
+            if content_length.is_some_and(|m| m != n) {
+                return Err(ExchangeError::Invalid("conflicting content-length"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_coded = true;
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
     }
+    let spans: Vec<(usize, usize, usize, usize)> = response
+        .headers
+        .iter()
+        .map(|h| {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            (n, n + h.name.len(), v, v + h.value.len())
+        })
+        .collect();
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (ns, ne, vs, ve) in spans {
+        let Ok(name) = HeaderName::from_bytes(&head[ns..ne]) else {
+            return Err(ExchangeError::Invalid("bad header name"));
+        };
+        let keep_upgrade = switching && name == header::UPGRADE;
+        if !keep_upgrade && (super::is_hop_by_hop(&name) || named.contains(&name)) {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| ExchangeError::Invalid("bad header value"))?;
+        headers.append(name, value);
+    }
+
+    let no_body = *method == Method::HEAD
+        || status.is_informational() && !switching
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if switching {
+        Framing::Close
+    } else if no_body {
+        Framing::None
+    } else if transfer_coded {
+        // RFC 9112 §6.3: chunked last means chunked; any other coding runs
+        // until close, and Content-Length is ignored either way.
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else if let Some(n) = content_length {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    };
+    if transfer_coded {
+        content_length = None;
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let keep_alive = !connection_close && !matches!(framing, Framing::Close);
+    Ok(Some(Parsed {
+        status,
+        headers,
+        content_length,
+        framing,
+        keep_alive,
+    }))
 }
 
 // === ResponseBody ===
 
-enum BodyKind {
-    /// Framed by length or chunks (or HTTP/1.0 to EOF), decoded by the codec.
-    Framed {
-        framed: Framed<TcpStream, ClientPayloadCodec>,
-        delimited_by_close: bool,
-    },
-    /// Raw bytes until the upstream closes (close-delimited, or after 101).
-    Raw {
-        early: Option<Bytes>,
-        io: TcpStream,
-    },
+enum State {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkDataEnd,
+    Trailers,
+    Close,
     Done,
 }
 
 /// The upstream's answer body. Ends with an error, never cleanly, if the
 /// upstream stops early or falls silent for the idle timeout.
 pub struct ResponseBody {
-    kind: BodyKind,
+    state: State,
+    conn: Option<Conn>,
+    keep_alive: bool,
     client: Rc<UpstreamClient>,
     idle_timeout: Duration,
     timer: IdleTimer,
 }
 
 impl ResponseBody {
-    /// Consumes the body's framing and hands back the raw connection, for a
-    /// protocol switch (`101`).
-    pub fn into_raw(self) -> Option<(Option<Bytes>, TcpStream)> {
-        match self.kind {
-            BodyKind::Raw { early, io } => Some((early, io)),
-            _ => None,
+    /// The raw connection after a protocol switch (`101`), with any bytes
+    /// already read past the head.
+    pub fn into_raw(mut self) -> Option<(Option<Bytes>, TcpStream)> {
+        if !matches!(self.state, State::Close) {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        let early = Some(conn.read.freeze()).filter(|b| !b.is_empty());
+        Some((early, conn.io))
+    }
+
+    /// The body was read to its end: the connection goes back to the pool.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && conn.read.is_empty()
+        {
+            self.client.checkin(conn);
         }
     }
 
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
-        match &mut self.kind {
-            BodyKind::Done => Poll::Ready(None),
-            BodyKind::Framed {
-                framed,
-                delimited_by_close,
-            } => match framed.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(Some(chunk)))) => Poll::Ready(Some(Ok(chunk))),
-                Poll::Ready(Some(Ok(None))) => {
-                    let kind = std::mem::replace(&mut self.kind, BodyKind::Done);
-                    if let BodyKind::Framed { framed, .. } = kind
-                        && framed.codec_ref().keep_alive()
-                    {
-                        self.client
-                            .checkin(framed.into_map_codec(ClientPayloadCodec::into_message_codec));
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut conn.read;
+            match self.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(remaining) if !buf.is_empty() => {
+                    let n = remaining.min(buf.len() as u64);
+                    let chunk = buf.split_to(n as usize).freeze();
+                    if n == remaining {
+                        self.finish();
+                    } else {
+                        self.state = State::Length(remaining - n);
                     }
-                    Poll::Ready(None)
+                    return Poll::Ready(Some(Ok(chunk)));
                 }
-                Poll::Ready(Some(Err(err))) => {
-                    Poll::Ready(Some(Err(BodyError::Upstream(err.to_string()))))
+                State::Close if !buf.is_empty() => {
+                    return Poll::Ready(Some(Ok(buf.split().freeze())));
                 }
-                Poll::Ready(None) if *delimited_by_close => {
-                    self.kind = BodyKind::Done;
-                    Poll::Ready(None)
+                State::ChunkData(remaining) if !buf.is_empty() => {
+                    let n = remaining.min(buf.len() as u64);
+                    let chunk = buf.split_to(n as usize).freeze();
+                    self.state = if n == remaining {
+                        State::ChunkDataEnd
+                    } else {
+                        State::ChunkData(remaining - n)
+                    };
+                    return Poll::Ready(Some(Ok(chunk)));
                 }
-                Poll::Ready(None) => Poll::Ready(Some(Err(BodyError::Upstream(
-                    "the upstream closed the connection before the body was complete".into(),
-                )))),
-                Poll::Pending => Poll::Pending,
-            },
-            BodyKind::Raw { early, io } => {
-                if let Some(bytes) = early.take() {
-                    return Poll::Ready(Some(Ok(bytes)));
-                }
-                let mut buf = BytesMut::with_capacity(READ_CHUNK);
-                match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut buf) {
-                    Poll::Ready(Ok(0)) => {
-                        self.kind = BodyKind::Done;
-                        Poll::Ready(None)
+                State::ChunkSize if !buf.is_empty() => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, 0))) => {
+                        buf.advance(used);
+                        self.state = State::Trailers;
+                        continue;
                     }
-                    Poll::Ready(Ok(_)) => Poll::Ready(Some(Ok(buf.freeze()))),
-                    Poll::Ready(Err(err)) => {
-                        Poll::Ready(Some(Err(BodyError::Upstream(err.to_string()))))
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        self.state = State::ChunkData(size);
+                        continue;
                     }
-                    Poll::Pending => Poll::Pending,
+                    Ok(httparse::Status::Partial) if buf.len() < 1024 => {}
+                    _ => {
+                        return Poll::Ready(Some(Err(BodyError::Upstream(
+                            "malformed chunk size".into(),
+                        ))));
+                    }
+                },
+                State::ChunkDataEnd if buf.len() >= 2 => {
+                    if &buf[..2] != b"\r\n" {
+                        return Poll::Ready(Some(Err(BodyError::Upstream(
+                            "malformed chunk".into(),
+                        ))));
+                    }
+                    buf.advance(2);
+                    self.state = State::ChunkSize;
+                    continue;
                 }
+                State::Trailers if !buf.is_empty() => {
+                    // Trailer fields are not forwarded; skip lines up to the blank one.
+                    match buf.iter().position(|&b| b == b'\n') {
+                        Some(end) => {
+                            let blank = end == 0 || (end == 1 && buf[0] == b'\r');
+                            buf.advance(end + 1);
+                            if blank {
+                                self.finish();
+                                return Poll::Ready(None);
+                            }
+                            continue;
+                        }
+                        None if buf.len() < MAX_HEAD => {}
+                        None => {
+                            return Poll::Ready(Some(Err(BodyError::Upstream(
+                                "trailers too large".into(),
+                            ))));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            // Need more bytes.
+            let conn = self.conn.as_mut().expect("checked above");
+            if conn.read.capacity() - conn.read.len() < 1024 {
+                conn.read.reserve(READ_CHUNK);
+            }
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.io),
+                cx,
+                &mut conn.read
+            )) {
+                Ok(0) if matches!(self.state, State::Close) => {
+                    self.state = State::Done;
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return Poll::Ready(Some(Err(BodyError::Upstream(
+                        "the upstream closed the connection before the body was complete".into(),
+                    ))));
+                }
+                Ok(_) => {}
+                Err(err) => return Poll::Ready(Some(Err(BodyError::Upstream(err.to_string())))),
             }
         }
     }
@@ -399,7 +662,8 @@ impl Stream for ResponseBody {
         match this.poll_inner(cx) {
             Poll::Ready(Some(Err(err))) => {
                 log::warn!("upstream response body failed, closing the client connection: {err}");
-                this.kind = BodyKind::Done;
+                this.state = State::Done;
+                this.conn = None;
                 Poll::Ready(Some(Err(err)))
             }
             Poll::Ready(item) => {
@@ -408,13 +672,102 @@ impl Stream for ResponseBody {
             }
             Poll::Pending => {
                 let idle = this.idle_timeout;
-                std::task::ready!(this.timer.poll_expired(idle, cx));
+                ready!(this.timer.poll_expired(idle, cx));
                 log::warn!(
                     "upstream sent no body bytes for {idle:?}, closing the client connection"
                 );
-                this.kind = BodyKind::Done;
+                this.state = State::Done;
+                this.conn = None;
                 Poll::Ready(Some(Err(BodyError::UpstreamIdle(idle))))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8], method: Method) -> Parsed {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, &method).unwrap().unwrap()
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let p = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET);
+        assert_eq!(p.framing, Framing::Length(5));
+        assert!(p.keep_alive);
+        let p = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(p.framing, Framing::Chunked);
+        assert_eq!(p.content_length, None);
+        assert!(
+            !p.headers.contains_key(header::CONTENT_LENGTH),
+            "never both framings"
+        );
+        let p = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(p.framing, Framing::Close);
+        let p = parse(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET);
+        assert_eq!(p.framing, Framing::Close);
+        assert!(!p.keep_alive);
+        let p = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            Method::HEAD,
+        );
+        assert_eq!(p.framing, Framing::None);
+        assert_eq!(p.content_length, Some(5));
+        let p = parse(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(p.framing, Framing::None);
+        let p = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET);
+        assert!(!p.keep_alive, "HTTP/1.0 closes unless it says keep-alive");
+        let p = parse(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\n",
+            Method::GET,
+        );
+        assert!(p.keep_alive);
+        let p = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n",
+            Method::GET,
+        );
+        assert!(!p.keep_alive);
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_dropped() {
+        let p = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n",
+            Method::GET,
+        );
+        assert!(!p.headers.contains_key("x-hop"));
+        assert!(!p.headers.contains_key("keep-alive"));
+        assert!(!p.headers.contains_key("connection"));
+        assert_eq!(p.headers.get_all("set-cookie").count(), 2);
+    }
+
+    #[test]
+    fn bad_answers_are_errors() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(raw);
+            assert!(
+                parse_head(&mut buf, &Method::GET).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-"[..]);
+        assert!(parse_head(&mut partial, &Method::GET).unwrap().is_none());
     }
 }

@@ -5,15 +5,13 @@
 //! sent.
 
 use actix_http::ConnectionType;
-use actix_http::ResponseHead;
 use actix_web::body::{BodyStream, BoxBody};
 use actix_web::{HttpRequest, HttpResponse};
 use futures_util::{StreamExt, stream};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
-use super::client::ResponseBody;
-use super::strip_hop_by_hop;
+use super::client::Answer;
 use crate::error::ProxyError;
 
 /// Read size for upstream → client bytes.
@@ -23,16 +21,14 @@ const READ_CHUNK: usize = 16 * 1024;
 pub(super) fn join(
     req: &HttpRequest,
     mut client_payload: actix_web::dev::Payload,
-    mut response: ResponseHead,
-    body: ResponseBody,
+    answer: Answer,
 ) -> Result<HttpResponse, ProxyError> {
-    let (early, io) = body
+    let (early, io) = answer
+        .body
         .into_raw()
         .ok_or_else(|| ProxyError::Internal("a 101 answer without a raw connection".into()))?;
-    let mut headers = std::mem::take(&mut response.headers);
-    strip_hop_by_hop(&mut headers, true);
-    let mut res = HttpResponse::new(response.status);
-    *res.headers_mut() = headers;
+    let mut res = HttpResponse::new(answer.status);
+    *res.headers_mut() = answer.headers;
     // Without this actix-http would answer `Connection: close, upgrade`.
     res.head_mut().set_connection_type(ConnectionType::Upgrade);
 
