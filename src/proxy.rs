@@ -19,6 +19,7 @@
 
 mod body;
 pub mod client;
+mod coarse;
 mod websocket;
 
 use std::net::IpAddr;
@@ -241,22 +242,24 @@ pub async fn forward(
 
     let client = &forwarder.client;
     let timeout = upstream.timeout;
+    // The answer's headers go straight into the (pooled) response head.
+    let mut res = HttpResponse::new(StatusCode::OK);
     let body_len = content_length(headers)?;
     let chunked = headers.contains_key(header::TRANSFER_ENCODING);
     let no_body = client::RequestBody::<RequestBody<web::Payload>>::None;
     if websocket {
-        let exchange = client.exchange(method, write_head, no_body, timeout);
+        let exchange = client.exchange(method, write_head, no_body, timeout, res.headers_mut());
         let answer = deadline(exchange, timeout, None)
             .await
             .map_err(|e| upstream.count(exchange_error(e, timeout)))?;
         if answer.status == StatusCode::SWITCHING_PROTOCOLS {
-            return websocket::join(&req, payload.into_inner(), answer);
+            return websocket::join(&req, payload.into_inner(), res, answer);
         }
-        return Ok(respond(&req, answer));
+        return Ok(respond(&req, res, answer));
     }
     let sent = if body_len.is_none() && !chunked {
         deadline(
-            client.exchange(method, write_head, no_body, timeout),
+            client.exchange(method, write_head, no_body, timeout, res.headers_mut()),
             timeout,
             None,
         )
@@ -268,33 +271,63 @@ pub async fn forward(
             Some(len) => client::RequestBody::Sized(len, body),
             None => client::RequestBody::Chunked(body),
         };
-        let exchange = client.exchange(method, write_head, body, timeout);
+        let exchange = client.exchange(method, write_head, body, timeout, res.headers_mut());
         deadline(exchange, timeout, Some(progress)).await
     };
     let answer = sent.map_err(|e| upstream.count(exchange_error(e, timeout)))?;
-    Ok(respond(&req, answer))
+    Ok(respond(&req, res, answer))
 }
 
 /// Races the upstream exchange against the upstream deadline (see the module
-/// docs). Without a body the deadline is simply `timeout` from now.
-async fn deadline<F, T>(
-    exchange: F,
-    timeout: Duration,
-    progress: Option<Progress>,
-) -> Result<T, ExchangeError>
+/// docs). Without a body the deadline is simply `timeout` from now, kept by
+/// the cheap [`coarse`] timer (at most 50 ms late).
+fn deadline<F, T>(exchange: F, timeout: Duration, progress: Option<Progress>) -> WithDeadline<F>
 where
     F: Future<Output = Result<T, ExchangeError>>,
 {
-    let watchdog = async {
-        match progress {
-            None => actix_web::rt::time::sleep(timeout).await,
-            Some(progress) => progress.stalled_for(timeout).await,
+    WithDeadline {
+        exchange,
+        watchdog: match progress {
+            None => Watchdog::Fixed(coarse::Deadline::after(timeout)),
+            Some(progress) => Watchdog::Stalled(progress.stalled_for(timeout)),
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`deadline`]. A hand-written combinator rather than `select!` in
+    /// an `async fn`, which would hold the (large) exchange future twice.
+    struct WithDeadline<F> {
+        #[pin]
+        exchange: F,
+        watchdog: Watchdog,
+    }
+}
+
+enum Watchdog {
+    Fixed(coarse::Deadline),
+    Stalled(body::Stalled),
+}
+
+impl<F, T> Future for WithDeadline<F>
+where
+    F: Future<Output = Result<T, ExchangeError>>,
+{
+    type Output = Result<T, ExchangeError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(res) = this.exchange.poll(cx) {
+            return std::task::Poll::Ready(res);
         }
-    };
-    tokio::select! {
-        biased;
-        res = exchange => res,
-        () = watchdog => Err(ExchangeError::Timeout),
+        let expired = match this.watchdog {
+            Watchdog::Fixed(deadline) => std::pin::Pin::new(deadline).poll(cx),
+            Watchdog::Stalled(stalled) => std::pin::Pin::new(stalled).poll(cx),
+        };
+        expired.map(|()| Err(ExchangeError::Timeout))
     }
 }
 
@@ -308,10 +341,9 @@ fn exchange_error(err: ExchangeError, timeout: Duration) -> ProxyError {
 }
 
 /// The client's answer: the upstream's status, end-to-end headers and body.
-fn respond(req: &HttpRequest, answer: Answer) -> HttpResponse {
+fn respond(req: &HttpRequest, mut res: HttpResponse, answer: Answer) -> HttpResponse {
     let status = answer.status;
-    let mut res = HttpResponse::new(status);
-    *res.headers_mut() = answer.headers;
+    *res.status_mut() = status;
     let no_body = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;

@@ -36,6 +36,7 @@ use std::fmt::Write as _;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
+use smallvec::SmallVec;
 use tokio::io::AsyncWriteExt;
 
 use super::body::{BodyError, IdleTimer};
@@ -96,10 +97,10 @@ pub enum RequestBody<S> {
     Chunked(S),
 }
 
-/// The head of the upstream's answer, end-to-end headers only.
+/// The head of the upstream's answer; its end-to-end headers went into the
+/// map passed to [`UpstreamClient::exchange`].
 pub struct Answer {
     pub status: StatusCode,
-    pub headers: HeaderMap,
     /// The `Content-Length` the answer declared (also for `HEAD`).
     pub content_length: Option<u64>,
     pub body: ResponseBody,
@@ -139,6 +140,9 @@ impl UpstreamClient {
         Ok(tcp)
     }
 
+    /// Opens a new connection. Callers box this future: connecting (with
+    /// name resolution) is rare and its state is large, and keeping it out
+    /// of the exchange's own state keeps every request's future small.
     async fn fresh(&self) -> Result<Conn, ExchangeError> {
         let io = self.connect().await.map_err(ExchangeError::Connect)?;
         Ok(Conn {
@@ -176,14 +180,17 @@ impl UpstreamClient {
     /// Sends a request and reads the head of its answer. `write_head` writes
     /// the request line and headers (each line ending in CRLF, without the
     /// blank line); the framing header and the blank line are added here.
-    /// The answer's body streams from [`Answer::body`]; the connection goes
-    /// back to the pool once that is read to its end.
+    /// The answer's end-to-end headers are put into `headers` (the client
+    /// response's own map, so none is built twice); its body streams from
+    /// [`Answer::body`], and the connection goes back to the pool once that
+    /// is read to its end.
     pub async fn exchange<S>(
         self: &Rc<Self>,
         method: &Method,
         write_head: impl Fn(&mut BytesMut),
         body: RequestBody<S>,
         idle_timeout: Duration,
+        headers: &mut HeaderMap,
     ) -> Result<Answer, ExchangeError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
@@ -208,13 +215,13 @@ impl UpstreamClient {
             Some(mut conn) if matches!(body, RequestBody::None) && method.is_idempotent() => {
                 head(&mut conn.write);
                 match conn.send_buffered().await {
-                    Ok(()) => match conn.read_head(method).await {
+                    Ok(()) => match conn.read_head(method, headers).await {
                         Ok(parsed) => return Ok(self.answer(conn, parsed, idle_timeout)),
                         Err(err) if err.dead_connection() && conn.read.is_empty() => {
                             log::debug!(
                                 "reused upstream connection was dead ({err}); retrying on a new one"
                             );
-                            self.fresh().await?
+                            Box::pin(self.fresh()).await?
                         }
                         Err(err) => return Err(err),
                     },
@@ -222,12 +229,12 @@ impl UpstreamClient {
                         log::debug!(
                             "reused upstream connection was dead ({err}); retrying on a new one"
                         );
-                        self.fresh().await?
+                        Box::pin(self.fresh()).await?
                     }
                 }
             }
             Some(conn) => conn,
-            None => self.fresh().await?,
+            None => Box::pin(self.fresh()).await?,
         };
 
         head(&mut conn.write);
@@ -268,7 +275,7 @@ impl UpstreamClient {
                     .map_err(ExchangeError::Send)?;
             }
         }
-        let parsed = conn.read_head(method).await?;
+        let parsed = conn.read_head(method, headers).await?;
         Ok(self.answer(conn, parsed, idle_timeout))
     }
 
@@ -298,7 +305,6 @@ impl UpstreamClient {
         };
         Answer {
             status: parsed.status,
-            headers: parsed.headers,
             content_length: parsed.content_length,
             body,
         }
@@ -318,7 +324,6 @@ enum Framing {
 
 struct Parsed {
     status: StatusCode,
-    headers: HeaderMap,
     content_length: Option<u64>,
     framing: Framing,
     keep_alive: bool,
@@ -346,10 +351,14 @@ impl Conn {
 
     /// Reads and parses an answer's head, skipping interim answers (100
     /// Continue, 103 Early Hints), which are not relayed.
-    async fn read_head(&mut self, method: &Method) -> Result<Parsed, ExchangeError> {
+    async fn read_head(
+        &mut self,
+        method: &Method,
+        headers: &mut HeaderMap,
+    ) -> Result<Parsed, ExchangeError> {
         loop {
             if !self.read.is_empty() {
-                match parse_head(&mut self.read, method)? {
+                match parse_head(&mut self.read, method, headers)? {
                     Some(parsed)
                         if parsed.status.is_informational()
                             && parsed.status != StatusCode::SWITCHING_PROTOCOLS =>
@@ -374,7 +383,11 @@ impl Conn {
 }
 
 /// Parses a complete head off the front of `buf`, or `None` if incomplete.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, ExchangeError> {
+fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    headers: &mut HeaderMap,
+) -> Result<Option<Parsed>, ExchangeError> {
     let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
         [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
@@ -440,7 +453,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         }
     }
-    let spans: Vec<(usize, usize, usize, usize)> = response
+    let spans: SmallVec<[(usize, usize, usize, usize); 16]> = response
         .headers
         .iter()
         .map(|h| {
@@ -451,7 +464,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
         .collect();
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    headers.clear();
     for (ns, ne, vs, ve) in spans {
         let Ok(name) = HeaderName::from_bytes(&head[ns..ne]) else {
             return Err(ExchangeError::Invalid("bad header name"));
@@ -493,7 +506,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
     let keep_alive = !connection_close && !matches!(framing, Framing::Close);
     Ok(Some(Parsed {
         status,
-        headers,
         content_length,
         framing,
         keep_alive,
@@ -688,53 +700,57 @@ impl Stream for ResponseBody {
 mod tests {
     use super::*;
 
-    fn parse(raw: &[u8], method: Method) -> Parsed {
+    fn parse(raw: &[u8], method: Method) -> (Parsed, HeaderMap) {
         let mut buf = BytesMut::from(raw);
-        parse_head(&mut buf, &method).unwrap().unwrap()
+        let mut headers = HeaderMap::new();
+        let parsed = parse_head(&mut buf, &method, &mut headers)
+            .unwrap()
+            .unwrap();
+        (parsed, headers)
     }
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let p = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET);
+        let (p, _) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET);
         assert_eq!(p.framing, Framing::Length(5));
         assert!(p.keep_alive);
-        let p = parse(
+        let (p, h) = parse(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
             Method::GET,
         );
         assert_eq!(p.framing, Framing::Chunked);
         assert_eq!(p.content_length, None);
         assert!(
-            !p.headers.contains_key(header::CONTENT_LENGTH),
+            !h.contains_key(header::CONTENT_LENGTH),
             "never both framings"
         );
-        let p = parse(
+        let (p, _) = parse(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
             Method::GET,
         );
         assert_eq!(p.framing, Framing::Close);
-        let p = parse(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET);
+        let (p, _) = parse(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET);
         assert_eq!(p.framing, Framing::Close);
         assert!(!p.keep_alive);
-        let p = parse(
+        let (p, _) = parse(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
             Method::HEAD,
         );
         assert_eq!(p.framing, Framing::None);
         assert_eq!(p.content_length, Some(5));
-        let p = parse(
+        let (p, _) = parse(
             b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
             Method::GET,
         );
         assert_eq!(p.framing, Framing::None);
-        let p = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET);
+        let (p, _) = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET);
         assert!(!p.keep_alive, "HTTP/1.0 closes unless it says keep-alive");
-        let p = parse(
+        let (p, _) = parse(
             b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\n",
             Method::GET,
         );
         assert!(p.keep_alive);
-        let p = parse(
+        let (p, _) = parse(
             b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n",
             Method::GET,
         );
@@ -743,14 +759,14 @@ mod tests {
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_dropped() {
-        let p = parse(
+        let (_, h) = parse(
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n",
             Method::GET,
         );
-        assert!(!p.headers.contains_key("x-hop"));
-        assert!(!p.headers.contains_key("keep-alive"));
-        assert!(!p.headers.contains_key("connection"));
-        assert_eq!(p.headers.get_all("set-cookie").count(), 2);
+        assert!(!h.contains_key("x-hop"));
+        assert!(!h.contains_key("keep-alive"));
+        assert!(!h.contains_key("connection"));
+        assert_eq!(h.get_all("set-cookie").count(), 2);
     }
 
     #[test]
@@ -762,12 +778,16 @@ mod tests {
         ] {
             let mut buf = BytesMut::from(raw);
             assert!(
-                parse_head(&mut buf, &Method::GET).is_err(),
+                parse_head(&mut buf, &Method::GET, &mut HeaderMap::new()).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(raw)
             );
         }
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-"[..]);
-        assert!(parse_head(&mut partial, &Method::GET).unwrap().is_none());
+        assert!(
+            parse_head(&mut partial, &Method::GET, &mut HeaderMap::new())
+                .unwrap()
+                .is_none()
+        );
     }
 }

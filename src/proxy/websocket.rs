@@ -21,14 +21,14 @@ const READ_CHUNK: usize = 16 * 1024;
 pub(super) fn join(
     req: &HttpRequest,
     mut client_payload: actix_web::dev::Payload,
+    mut res: HttpResponse,
     answer: Answer,
 ) -> Result<HttpResponse, ProxyError> {
     let (early, io) = answer
         .body
         .into_raw()
         .ok_or_else(|| ProxyError::Internal("a 101 answer without a raw connection".into()))?;
-    let mut res = HttpResponse::new(answer.status);
-    *res.headers_mut() = answer.headers;
+    *res.status_mut() = answer.status;
     // Without this actix-http would answer `Connection: close, upgrade`.
     res.head_mut().set_connection_type(ConnectionType::Upgrade);
 
