@@ -165,6 +165,10 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
+        // Runs on each worker as it starts. The first call opens the
+        // backend's connections, so their I/O is driven by a worker thread
+        // rather than handed across threads on every decision.
+        self.backend.start();
         ready(Ok(RateLimitService {
             service: Rc::new(service),
             config: Rc::new(self.clone()),

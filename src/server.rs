@@ -201,8 +201,8 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
     .with_context(|| format!("serving admin on {admin_addr}"))?
     .run();
 
+    // `Backend::start` runs when the first worker builds its middleware.
     let backend = floodgate.backend.clone();
-    backend.start();
     actix_web::rt::spawn(async move {
         let mut ticks = actix_web::rt::time::interval(RETAIN_INTERVAL);
         loop {

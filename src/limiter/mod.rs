@@ -276,8 +276,9 @@ pub trait Backend: Send + Sync {
         None
     }
 
-    /// Runs once when the server starts, inside its runtime and before the
-    /// first request: opens connections and starts background tasks.
+    /// Runs on each worker's runtime as it starts, before its first request
+    /// (the middleware calls it): opens connections and starts background
+    /// tasks. Must be idempotent: only the first call should act.
     fn start(&self) {}
 
     /// Runs periodically (every few seconds) off the request path. Drops keys
