@@ -42,6 +42,7 @@ impl Floodgate {
     /// Builds the backend the settings ask for.
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         let limit = default_limit(&settings);
+        let metrics = Arc::new(Metrics::default());
         let backend: Arc<dyn Backend> = match settings.backend {
             BackendKind::Memory => Arc::new(MemoryBackend::new([&limit], settings.max_keys)),
             BackendKind::Redis => {
@@ -65,13 +66,14 @@ impl Floodgate {
                         fallback,
                         settings.max_keys,
                     )
+                    .map(|backend| backend.metrics(metrics.clone()))
                     .map_err(|e| {
                         anyhow::anyhow!("FLOODGATE_REDIS_URL: {}", redact_url(&e.to_string()))
                     })?,
                 )
             }
         };
-        Self::with_backend(settings, limit, backend)
+        Self::assemble(settings, limit, backend, metrics)
     }
 
     /// As [`new`](Self::new) with a given backend, which must know `limit`.
@@ -80,13 +82,21 @@ impl Floodgate {
         limit: Limit,
         backend: Arc<dyn Backend>,
     ) -> anyhow::Result<Self> {
+        Self::assemble(settings, limit, backend, Arc::default())
+    }
+
+    fn assemble(
+        settings: Settings,
+        limit: Limit,
+        backend: Arc<dyn Backend>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let upstream = Upstream::new(&settings.upstream)
             .with_context(|| format!("FLOODGATE_UPSTREAM={}", settings.upstream))?
             .timeout(settings.upstream_timeout)
             .client_timeout(settings.client_timeout)
             .host_header(settings.host_header)
             .trust(settings.trusted_proxies.iter().copied());
-        let metrics = Arc::new(Metrics::default());
         let upstream = upstream.metrics(metrics.clone());
         let rate_limit = RateLimit::new(backend.clone(), limit)
             .key(key_extractor(&settings))

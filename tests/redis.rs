@@ -459,6 +459,14 @@ fn redis_killed_mid_traffic_local_policy() {
     call_within_budget(fg.addr, "local-check", 200, "outage");
     call_within_budget(fg.addr, "local-check", 200, "outage");
     call_within_budget(fg.addr, "local-check", 429, "outage");
+    // Decisions the local fallback made are counted.
+    let metrics = support::get(fg.admin, "/metrics").text();
+    let fallbacks: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("floodgate_backend_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no backend error counter in\n{metrics}"));
+    assert!(fallbacks >= 3, "{fallbacks} fallback decisions counted");
     // Long enough for several probes to find Redis still gone.
     traffic.wait_for(50);
 

@@ -39,6 +39,7 @@ use redis::{
 };
 
 use super::{Backend, BackendError, Decision, Health, Limit, LimitId, MemoryBackend, RateKey};
+use crate::metrics::Metrics;
 use crate::settings::redact_url;
 
 /// How often a down Redis is asked again.
@@ -130,6 +131,7 @@ struct Inner {
     /// [`Backend::start`] ran: the connection is (being) opened on that
     /// caller's runtime, which then drives its I/O.
     started: AtomicBool,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A limit in the script's units.
@@ -189,8 +191,18 @@ impl RedisBackend {
                 circuit: Circuit::default(),
                 blocked: Blocked::default(),
                 started: AtomicBool::new(false),
+                metrics: None,
             }),
         })
+    }
+
+    /// Counts decisions the local fallback made into `metrics`
+    /// (`floodgate_backend_errors_total`).
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.metrics = Some(metrics);
+        }
+        self
     }
 
     /// The Redis key for `key` under `limit`.
@@ -304,7 +316,13 @@ impl Inner {
         err: BackendError,
     ) -> Result<Decision, BackendError> {
         match &self.local {
-            Some(local) => local.decide(limit, key),
+            Some(local) => {
+                // Under `open` and `closed` the middleware counts the error.
+                if let Some(metrics) = &self.metrics {
+                    metrics.backend_errors.inc();
+                }
+                local.decide(limit, key)
+            }
             None => Err(err),
         }
     }
