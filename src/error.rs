@@ -26,6 +26,9 @@ pub enum ProxyError {
     /// The request itself is unacceptable.
     #[error("{0}")]
     Downstream(#[from] KeyError),
+    /// A request floodgate refuses to forward as it is.
+    #[error("{0}")]
+    Malformed(&'static str),
     /// `CONNECT` and friends: floodgate only talks to its one upstream.
     #[error("method {0} is not allowed")]
     MethodNotAllowed(actix_web::http::Method),
@@ -51,7 +54,9 @@ pub enum ProxyError {
 impl ResponseError for ProxyError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ProxyError::Downstream(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Downstream(_) | ProxyError::Malformed(_) | ProxyError::ClientBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
@@ -64,7 +69,9 @@ impl ResponseError for ProxyError {
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
         match self {
-            ProxyError::Downstream(_) | ProxyError::MethodNotAllowed(_) => {
+            ProxyError::Downstream(_)
+            | ProxyError::Malformed(_)
+            | ProxyError::MethodNotAllowed(_) => {
                 log::debug!("refused request: {self}")
             }
             ProxyError::ClientTimeout(_) | ProxyError::ClientBody(_) => {
@@ -101,6 +108,7 @@ impl ProxyError {
     fn client_message(&self) -> String {
         match self {
             ProxyError::Downstream(e) => format!("Bad Request: {e}\n"),
+            ProxyError::Malformed(reason) => format!("Bad Request: {reason}\n"),
             ProxyError::MethodNotAllowed(m) => format!("Method Not Allowed: {m}\n"),
             ProxyError::ClientTimeout(_) => "Request Timeout\n".into(),
             ProxyError::ClientBody(_) => "Bad Request: unreadable request body\n".into(),

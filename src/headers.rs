@@ -108,6 +108,15 @@ impl LimitHeaders {
     }
 }
 
+/// The comma-separated tokens of a header value (`Connection: a, b`),
+/// trimmed, without empty ones.
+pub fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
 /// `Retry-After` in whole seconds, rounded up and at least 1: a client that
 /// waits exactly this long will find a cell.
 pub fn retry_after_secs(retry_after: Duration) -> u64 {

@@ -238,13 +238,10 @@ impl KeyExtractor for HeaderKey {
 
 /// Whether any `Connection` header lists `name`.
 pub(crate) fn connection_names(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers.get_all(header::CONNECTION).any(|value| {
-        value.as_bytes().split(|&b| b == b',').any(|token| {
-            token
-                .trim_ascii()
-                .eq_ignore_ascii_case(name.as_str().as_bytes())
-        })
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .flat_map(|value| crate::headers::tokens(value.as_bytes()))
+        .any(|token| token.eq_ignore_ascii_case(name.as_str().as_bytes()))
 }
 
 #[cfg(test)]

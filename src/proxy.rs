@@ -36,7 +36,8 @@ use bytes::BytesMut;
 use ipnet::IpNet;
 
 use crate::error::ProxyError;
-use crate::key::canonical;
+use crate::headers::tokens;
+use crate::key::{ClientIp, canonical};
 use crate::metrics::Metrics;
 
 use body::{BodyError, Progress, RequestBody};
@@ -67,7 +68,7 @@ pub struct Upstream {
     timeout: Duration,
     client_timeout: Duration,
     host_header: HostHeader,
-    trusted: Arc<[IpNet]>,
+    trusted: ClientIp,
     metrics: Arc<Metrics>,
 }
 
@@ -109,7 +110,7 @@ impl Upstream {
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             host_header: HostHeader::Client,
-            trusted: Arc::from(Vec::new()),
+            trusted: ClientIp::new(),
             metrics: Arc::default(),
         })
     }
@@ -132,7 +133,7 @@ impl Upstream {
     /// Proxies whose `X-Forwarded-*` headers are kept and appended to; from
     /// anyone else they are replaced.
     pub fn trust(mut self, proxies: impl IntoIterator<Item = IpNet>) -> Self {
-        self.trusted = proxies.into_iter().map(|n| n.trunc()).collect();
+        self.trusted = ClientIp::new().trust(proxies);
         self
     }
 
@@ -171,8 +172,7 @@ impl Upstream {
     }
 
     fn is_trusted(&self, addr: IpAddr) -> bool {
-        let addr = canonical(addr);
-        self.trusted.iter().any(|net| net.contains(&addr))
+        self.trusted.is_trusted(addr)
     }
 }
 
@@ -225,7 +225,9 @@ pub async fn forward(
     }
     let target = upstream.path_and_query(req.uri())?;
     let headers = req.headers();
-    let websocket = is_websocket_upgrade(headers);
+    let body_len = content_length(headers)?;
+    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    let websocket = websocket_handshake(headers, body_len, chunked)?;
     let named = connection_named(headers);
     let peer = peer(&req, upstream);
     let write_head = |out: &mut BytesMut| {
@@ -240,30 +242,9 @@ pub async fn forward(
         )
     };
 
-    let client = &forwarder.client;
     let timeout = upstream.timeout;
-    // The answer's headers go straight into the (pooled) response head.
-    let mut res = HttpResponse::new(StatusCode::OK);
-    let body_len = content_length(headers)?;
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
-    let no_body = client::RequestBody::<RequestBody<web::Payload>>::None;
-    if websocket {
-        let exchange = client.exchange(method, write_head, no_body, timeout, res.headers_mut());
-        let answer = deadline(exchange, timeout, None)
-            .await
-            .map_err(|e| upstream.count(exchange_error(e, timeout)))?;
-        if answer.status == StatusCode::SWITCHING_PROTOCOLS {
-            return websocket::join(&req, payload.into_inner(), res, answer);
-        }
-        return Ok(respond(&req, res, answer));
-    }
-    let sent = if body_len.is_none() && !chunked {
-        deadline(
-            client.exchange(method, write_head, no_body, timeout, res.headers_mut()),
-            timeout,
-            None,
-        )
-        .await
+    let (body, progress, tunnel) = if websocket || (body_len.is_none() && !chunked) {
+        (client::RequestBody::None, None, Some(payload))
     } else {
         let progress = Progress::new();
         let body = RequestBody::new(payload, progress.clone(), upstream.client_timeout);
@@ -271,11 +252,22 @@ pub async fn forward(
             Some(len) => client::RequestBody::Sized(len, body),
             None => client::RequestBody::Chunked(body),
         };
-        let exchange = client.exchange(method, write_head, body, timeout, res.headers_mut());
-        deadline(exchange, timeout, Some(progress)).await
+        (body, Some(progress), None)
     };
-    let answer = sent.map_err(|e| upstream.count(exchange_error(e, timeout)))?;
-    Ok(respond(&req, res, answer))
+    // The answer's headers go straight into the (pooled) response head.
+    let mut res = HttpResponse::new(StatusCode::OK);
+    let exchange = forwarder
+        .client
+        .exchange(method, write_head, body, timeout, res.headers_mut());
+    let answer = deadline(exchange, timeout, progress)
+        .await
+        .map_err(|e| upstream.count(exchange_error(e, timeout)))?;
+    match tunnel {
+        Some(payload) if websocket && answer.status == StatusCode::SWITCHING_PROTOCOLS => {
+            websocket::join(&req, payload.into_inner(), res, answer)
+        }
+        _ => Ok(respond(res, answer)),
+    }
 }
 
 /// Races the upstream exchange against the upstream deadline (see the module
@@ -341,20 +333,21 @@ fn exchange_error(err: ExchangeError, timeout: Duration) -> ProxyError {
 }
 
 /// The client's answer: the upstream's status, end-to-end headers and body.
-fn respond(req: &HttpRequest, mut res: HttpResponse, answer: Answer) -> HttpResponse {
+fn respond(mut res: HttpResponse, answer: Answer) -> HttpResponse {
     let status = answer.status;
     *res.status_mut() = status;
-    let no_body = status.is_informational()
+    if status.is_informational()
         || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    if no_body {
+        || status == StatusCode::NOT_MODIFIED
+    {
+        // actix-http writes these without a body (and keeps a 304's length).
         return res;
     }
-    let body = match answer.content_length {
-        Some(len) => BoxBody::new(SizedStream::new(len, answer.body)),
-        // A HEAD answer has no body; its length header (if any) was kept above.
-        None if req.method() == Method::HEAD => BoxBody::new(actix_web::body::None::new()),
-        None => BoxBody::new(BodyStream::new(answer.body)),
+    let body = match (answer.has_body, answer.content_length) {
+        // For HEAD the length announced is the resource's: keep it.
+        (_, Some(len)) => BoxBody::new(SizedStream::new(len, answer.body)),
+        (true, None) => BoxBody::new(BodyStream::new(answer.body)),
+        (false, None) => BoxBody::new(actix_web::body::None::new()),
     };
     res.set_body(body)
 }
@@ -396,42 +389,62 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| tokens(v.as_bytes()))
         .filter(|token| {
-            !token.eq_ignore_ascii_case("keep-alive")
-                && !token.eq_ignore_ascii_case("close")
-                && !token.eq_ignore_ascii_case("upgrade")
-                && !token.eq_ignore_ascii_case("host")
+            !token.eq_ignore_ascii_case(b"keep-alive")
+                && !token.eq_ignore_ascii_case(b"close")
+                && !token.eq_ignore_ascii_case(b"upgrade")
+                && !token.eq_ignore_ascii_case(b"host")
         })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
         .collect()
 }
 
-/// Whether `name` is dropped on the way through.
-fn dropped(name: &HeaderName, named: &[HeaderName], websocket: bool) -> bool {
-    if websocket && (*name == header::UPGRADE || *name == header::CONNECTION) {
-        return false;
-    }
-    is_hop_by_hop(name) || named.contains(name)
+/// Whether `name` is dropped on the way through: hop-by-hop, named by
+/// `Connection`, or spelled with an underscore. The last is nginx's default
+/// (`underscores_in_headers off`): CGI-style upstreams read `X_Api_Key` and
+/// `X-Api-Key` as one header, so a client could pass one value to the rate
+/// limiter and another to the application.
+fn dropped(name: &HeaderName, named: &[HeaderName]) -> bool {
+    is_hop_by_hop(name) || name.as_str().contains('_') || named.contains(name)
 }
 
-/// A WebSocket handshake: `Connection: upgrade` and `Upgrade: websocket`.
-fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let upgrade = headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
-        });
-    upgrade
-        && headers
-            .get_all(header::CONNECTION)
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+/// Whether the request is a WebSocket handshake to pass through, or an error
+/// if it is a malformed one.
+///
+/// actix-http reads the body of any request with an `Upgrade: websocket`
+/// header (unless chunked) until the connection closes, whatever its
+/// `Content-Length` or `Connection` say. Forwarding such a request as an
+/// ordinary one would pass every later byte on the connection to the
+/// upstream inside one counted request (request smuggling), so it is either
+/// a proper handshake (`Connection: upgrade`, no body), tunnelled only once
+/// the upstream answers `101`, or refused.
+fn websocket_handshake(
+    headers: &HeaderMap,
+    body_len: Option<u64>,
+    chunked: bool,
+) -> Result<bool, ProxyError> {
+    let upgrade_websocket = headers
+        .get_all(header::UPGRADE)
+        .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    if !upgrade_websocket {
+        return Ok(false);
+    }
+    if chunked || body_len.is_some_and(|len| len > 0) {
+        return Err(ProxyError::Malformed(
+            "a WebSocket handshake cannot carry a body",
+        ));
+    }
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .flat_map(|v| tokens(v.as_bytes()))
+        .any(|t| t.eq_ignore_ascii_case(b"upgrade"));
+    if !connection_upgrade {
+        return Err(ProxyError::Malformed(
+            "Upgrade: websocket needs Connection: upgrade",
+        ));
+    }
+    Ok(true)
 }
 
 /// A client connection's peer as floodgate forwards it, computed once per
@@ -482,13 +495,15 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 /// Writes the upstream request's line and headers, straight from the client's
 /// headers: end-to-end ones only (no hop-by-hop header, none `Connection`
-/// names, no `Expect`: floodgate answers `100-continue` itself), the body's
-/// framing left to the client, and `X-Forwarded-*`:
+/// names, none spelled with `_`, no `Expect`: floodgate answers
+/// `100-continue` itself), the body's framing left to the client (see
+/// `client::exchange`), and `X-Forwarded-*`:
 ///
 /// * `X-Forwarded-For` gets the peer appended; from an untrusted peer it
 ///   replaces whatever the client claimed;
 /// * `X-Forwarded-Proto` and `X-Forwarded-Host` are set unless a trusted proxy
-///   already set them.
+///   already set them; `Forwarded` and `X-Real-IP` pass only from a trusted
+///   proxy.
 fn write_request_head(
     out: &mut BytesMut,
     req: &HttpRequest,
@@ -513,11 +528,11 @@ fn write_request_head(
     let headers = req.headers();
     let mut has_host = false;
     for (name, value) in headers.iter() {
-        if dropped(name, named, websocket)
+        if dropped(name, named)
             || *name == header::EXPECT
             || *name == header::CONTENT_LENGTH
             || *name == header::X_FORWARDED_FOR
-            || (!trusted && (*name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST))
+            || (!trusted && claims_to_forward(name))
         {
             continue;
         }
@@ -552,8 +567,18 @@ fn write_request_head(
         line(out, b"x-forwarded-host", host.as_bytes());
     }
     if websocket {
+        line(out, b"upgrade", b"websocket");
         line(out, b"connection", b"upgrade");
     }
+}
+
+/// Headers only a proxy should set; from an untrusted peer they are the
+/// client's claims and are not passed on.
+fn claims_to_forward(name: &HeaderName) -> bool {
+    *name == X_FORWARDED_PROTO
+        || *name == X_FORWARDED_HOST
+        || *name == header::FORWARDED
+        || name.as_str() == "x-real-ip"
 }
 
 #[cfg(test)]

@@ -423,3 +423,140 @@ fn upstream_connections_are_reused() {
         "one keep-alive connection served every request"
     );
 }
+
+#[test]
+fn upgrade_websocket_without_a_proper_handshake_cannot_smuggle_requests() {
+    // actix-http reads the body of any `Upgrade: websocket` request until the
+    // connection closes; forwarded as an ordinary request, the bytes after it
+    // would reach the upstream as more requests nobody counted.
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let attacks: [&[u8]; 3] = [
+        b"POST /a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhelloGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nUpgrade: websocket\r\nConnection: upgrade\r\nContent-Length: 5\r\n\r\nhelloDELETE /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    for raw in attacks {
+        let res = support::try_send(fg.addr, raw);
+        if let Ok(res) = &res {
+            assert_eq!(res.status, 400, "{}", res.text());
+        }
+    }
+    let seen: Vec<String> = up.recorded().into_iter().map(|r| r.uri).collect();
+    assert!(
+        seen.iter().all(|uri| uri != "/smuggled"),
+        "smuggled: {seen:?}"
+    );
+    assert!(seen.is_empty(), "nothing reached the upstream: {seen:?}");
+}
+
+#[test]
+fn a_post_on_a_connection_the_upstream_closed_while_idle_still_arrives() {
+    // Answers keep-alive, then closes after 300 ms idle (gunicorn's default is
+    // 2 s): the pooled connection is dead when the next request comes.
+    let up = support::raw_upstream(|stream| {
+        use std::io::{BufReader, Read, Write};
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut stream = stream;
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        loop {
+            let head = support::upstream::read_head(&mut reader);
+            if head.is_empty() {
+                return; // idle timeout or EOF: close
+            }
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_WORKERS", "1")
+        .run();
+    assert_eq!(request(fg.addr, "GET", "/", &[], b"").status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(600)); // the upstream closes meanwhile
+    let res = request(fg.addr, "POST", "/", &[], b"payload");
+    assert_eq!(res.status, 200, "{}", res.text());
+}
+
+#[test]
+fn an_early_answer_to_an_upload_is_relayed() {
+    // The upstream refuses a large upload after its head, without reading it.
+    let up = support::raw_upstream(|stream| {
+        use std::io::{BufReader, Write};
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let _ = support::upstream::read_head(&mut reader);
+        let mut stream = stream;
+        let _ = stream.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n");
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        // Keep reading (and dropping) a while, as servers that answer early do,
+        // so the answer is not lost to a reset.
+        let _ = std::io::copy(
+            &mut std::io::Read::take(reader, 64 << 20),
+            &mut std::io::sink(),
+        );
+    });
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    let body = vec![b'x'; 8 << 20];
+    let res = support::try_send(
+        fg.addr,
+        &support::client::build("POST", "/upload", &[], &body),
+    );
+    let res = res.expect("an answer");
+    assert_eq!(res.status, 413, "{}", res.text());
+    assert_eq!(res.text(), "too big\n");
+}
+
+#[test]
+fn client_claims_about_forwarding_and_underscore_headers_are_not_passed_on() {
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    request(
+        fg.addr,
+        "GET",
+        "/",
+        &[
+            ("Forwarded", "for=6.6.6.6;proto=https"),
+            ("X-Real-IP", "6.6.6.6"),
+            ("X_Forwarded_For", "6.6.6.6"),
+            ("X_Api_Key", "other"),
+            ("X-Api-Key", "mine"),
+        ],
+        b"",
+    );
+    let rec = up.only();
+    assert_eq!(rec.header("forwarded"), None);
+    assert_eq!(rec.header("x-real-ip"), None);
+    assert_eq!(rec.header("x_forwarded_for"), None);
+    assert_eq!(rec.header("x_api_key"), None);
+    assert_eq!(rec.header("x-api-key"), Some("mine"));
+
+    let trusting = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_TRUSTED_PROXIES", "127.0.0.1")
+        .run();
+    request(
+        trusting.addr,
+        "GET",
+        "/t",
+        &[("Forwarded", "for=192.0.2.1"), ("X-Real-IP", "192.0.2.1")],
+        b"",
+    );
+    let rec = up.recorded().into_iter().find(|r| r.uri == "/t").unwrap();
+    assert_eq!(
+        rec.header("forwarded"),
+        Some("for=192.0.2.1"),
+        "a trusted proxy's header stays"
+    );
+    assert_eq!(rec.header("x-real-ip"), Some("192.0.2.1"));
+}

@@ -55,6 +55,9 @@ const MAX_HEADERS: usize = 96;
 /// Largest answer head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
+/// Idle time after which a pooled connection is checked before reuse.
+const VERIFY_AFTER_IDLE: Duration = Duration::from_millis(250);
+
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -101,6 +104,8 @@ pub enum RequestBody<S> {
 /// map passed to [`UpstreamClient::exchange`].
 pub struct Answer {
     pub status: StatusCode,
+    /// Whether the answer has a body at all (not for `HEAD`, 1xx, 204, 304).
+    pub has_body: bool,
     /// The `Content-Length` the answer declared (also for `HEAD`).
     pub content_length: Option<u64>,
     pub body: ResponseBody,
@@ -152,14 +157,26 @@ impl UpstreamClient {
         })
     }
 
+    /// The most recently used idle connection still fit for reuse.
+    ///
+    /// One idle longer than [`VERIFY_AFTER_IDLE`] is first checked without
+    /// blocking: if the upstream closed it (or, wrongly, sent bytes nobody
+    /// asked for) it is dropped. nginx keeps watching its idle upstream
+    /// connections for the same reason. Connections reused sooner are not
+    /// checked: under load that would cost a system call per request, and an
+    /// upstream rarely closes a connection that quickly.
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
         while let Some((conn, since)) = idle.pop_back() {
-            if since.elapsed() < POOL_IDLE {
+            let idle_for = since.elapsed();
+            if idle_for >= POOL_IDLE {
+                // Everything older is older still.
+                idle.clear();
+                return None;
+            }
+            if idle_for < VERIFY_AFTER_IDLE || conn.is_quiet() {
                 return Some(conn);
             }
-            // Everything older is older still.
-            idle.clear();
         }
         None
     }
@@ -179,11 +196,12 @@ impl UpstreamClient {
 
     /// Sends a request and reads the head of its answer. `write_head` writes
     /// the request line and headers (each line ending in CRLF, without the
-    /// blank line); the framing header and the blank line are added here.
-    /// The answer's end-to-end headers are put into `headers` (the client
-    /// response's own map, so none is built twice); its body streams from
-    /// [`Answer::body`], and the connection goes back to the pool once that
-    /// is read to its end.
+    /// blank line); the body's framing header and the blank line are added
+    /// here, from `body` alone: the client's own `Content-Length` and
+    /// `Transfer-Encoding` never reach the upstream. The answer's end-to-end
+    /// headers are put into `headers` (the client response's own map, so none
+    /// is built twice); its body streams from [`Answer::body`], and the
+    /// connection goes back to the pool once that is read to its end.
     pub async fn exchange<S>(
         self: &Rc<Self>,
         method: &Method,
@@ -212,25 +230,26 @@ impl UpstreamClient {
         };
 
         let mut conn = match self.checkout() {
+            // A reused connection may still have been closed by the upstream
+            // just now. For a bodiless idempotent request that is harmless to
+            // find out: send, and if it fails before any byte of an answer
+            // arrived, send again on a fresh connection (as nginx's
+            // `proxy_next_upstream error` does).
             Some(mut conn) if matches!(body, RequestBody::None) && method.is_idempotent() => {
                 head(&mut conn.write);
-                match conn.send_buffered().await {
-                    Ok(()) => match conn.read_head(method, headers).await {
-                        Ok(parsed) => return Ok(self.answer(conn, parsed, idle_timeout)),
-                        Err(err) if err.dead_connection() && conn.read.is_empty() => {
-                            log::debug!(
-                                "reused upstream connection was dead ({err}); retrying on a new one"
-                            );
-                            Box::pin(self.fresh()).await?
-                        }
-                        Err(err) => return Err(err),
-                    },
-                    Err(err) => {
+                let answered = match conn.send_buffered().await {
+                    Ok(()) => conn.read_head(method, headers).await,
+                    Err(err) => Err(err),
+                };
+                match answered {
+                    Ok(parsed) => return Ok(self.answer(conn, parsed, idle_timeout)),
+                    Err(err) if err.dead_connection() => {
                         log::debug!(
                             "reused upstream connection was dead ({err}); retrying on a new one"
                         );
                         Box::pin(self.fresh()).await?
                     }
+                    Err(err) => return Err(err),
                 }
             }
             Some(conn) => conn,
@@ -238,42 +257,23 @@ impl UpstreamClient {
         };
 
         head(&mut conn.write);
-        match body {
-            RequestBody::None => conn.send_buffered().await?,
-            RequestBody::Sized(_, mut stream) => {
-                conn.send_buffered().await?;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(ExchangeError::Body)?;
-                    conn.io
-                        .write_all(&chunk)
-                        .await
-                        .map_err(ExchangeError::Send)?;
+        let sent = match body {
+            RequestBody::None => conn.send_buffered().await,
+            RequestBody::Sized(len, stream) => conn.send_sized(len, stream).await,
+            RequestBody::Chunked(stream) => conn.send_chunked(stream).await,
+        };
+        match sent {
+            Ok(()) => {}
+            // The upstream may have answered early (413, 401) and closed:
+            // relay that answer rather than the failed write.
+            Err(ExchangeError::Send(err)) => match conn.read_head(method, headers).await {
+                Ok(mut parsed) => {
+                    parsed.keep_alive = false;
+                    return Ok(self.answer(conn, parsed, idle_timeout));
                 }
-            }
-            RequestBody::Chunked(mut stream) => {
-                conn.send_buffered().await?;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(ExchangeError::Body)?;
-                    if chunk.is_empty() {
-                        continue;
-                    }
-                    conn.write.clear();
-                    write!(&mut conn.write, "{:x}\r\n", chunk.len()).expect("a BytesMut grows");
-                    conn.send_buffered().await?;
-                    conn.io
-                        .write_all(&chunk)
-                        .await
-                        .map_err(ExchangeError::Send)?;
-                    conn.io
-                        .write_all(b"\r\n")
-                        .await
-                        .map_err(ExchangeError::Send)?;
-                }
-                conn.io
-                    .write_all(b"0\r\n\r\n")
-                    .await
-                    .map_err(ExchangeError::Send)?;
-            }
+                Err(_) => return Err(ExchangeError::Send(err)),
+            },
+            Err(err) => return Err(err),
         }
         let parsed = conn.read_head(method, headers).await?;
         Ok(self.answer(conn, parsed, idle_timeout))
@@ -281,30 +281,25 @@ impl UpstreamClient {
 
     /// The answer, with its body framed as its head says.
     fn answer(self: &Rc<Self>, conn: Conn, parsed: Parsed, idle_timeout: Duration) -> Answer {
-        let framing = parsed.framing;
         let mut body = ResponseBody {
-            state: State::Done,
+            state: match parsed.framing {
+                Framing::None | Framing::Length(0) => State::Done,
+                Framing::Length(n) => State::Length(n),
+                Framing::Chunked => State::ChunkSize,
+                Framing::Close => State::Close,
+            },
             conn: Some(conn),
             keep_alive: parsed.keep_alive,
             client: self.clone(),
             idle_timeout,
             timer: IdleTimer::default(),
         };
-        body.state = match framing {
-            Framing::None => {
-                body.finish();
-                State::Done
-            }
-            Framing::Length(0) => {
-                body.finish();
-                State::Done
-            }
-            Framing::Length(n) => State::Length(n),
-            Framing::Chunked => State::ChunkSize,
-            Framing::Close => State::Close,
-        };
+        if matches!(body.state, State::Done) {
+            body.finish();
+        }
         Answer {
             status: parsed.status,
+            has_body: parsed.framing != Framing::None,
             content_length: parsed.content_length,
             body,
         }
@@ -338,24 +333,81 @@ impl Conn {
         Ok(())
     }
 
+    /// Sends the buffered head, then exactly `len` body bytes from `stream`.
+    async fn send_sized<S>(&mut self, len: u64, mut stream: S) -> Result<(), ExchangeError>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
+    {
+        self.send_buffered().await?;
+        let mut left = len;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(ExchangeError::Body)?;
+            left = left.checked_sub(chunk.len() as u64).ok_or_else(|| {
+                ExchangeError::Body(BodyError::Client(
+                    "more body than its Content-Length".into(),
+                ))
+            })?;
+            self.io
+                .write_all(&chunk)
+                .await
+                .map_err(ExchangeError::Send)?;
+        }
+        if left > 0 {
+            return Err(ExchangeError::Body(BodyError::Client(
+                "less body than its Content-Length".into(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends the buffered head, then `stream` in chunked framing, one write
+    /// per chunk.
+    async fn send_chunked<S>(&mut self, mut stream: S) -> Result<(), ExchangeError>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
+    {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(ExchangeError::Body)?;
+            if chunk.is_empty() {
+                continue;
+            }
+            write!(&mut self.write, "{:x}\r\n", chunk.len()).expect("a BytesMut grows");
+            self.write.extend_from_slice(&chunk);
+            self.write.extend_from_slice(b"\r\n");
+            self.send_buffered().await?;
+        }
+        self.write.extend_from_slice(b"0\r\n\r\n");
+        self.send_buffered().await
+    }
+
+    /// Whether an idle connection has nothing to read: not closed by the
+    /// upstream, and no stray bytes. Costs one non-blocking read.
+    fn is_quiet(&self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.io.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
     /// Reads more into the read buffer; `Ok(0)` at EOF.
-    async fn fill(&mut self) -> io::Result<usize> {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.read.capacity() - self.read.len() < 1024 {
             self.read.reserve(READ_CHUNK);
         }
-        std::future::poll_fn(|cx| {
-            tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
-        })
-        .await
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 
     /// Reads and parses an answer's head, skipping interim answers (100
-    /// Continue, 103 Early Hints), which are not relayed.
+    /// Continue, 103 Early Hints), which are not relayed. After one, a lost
+    /// connection is no longer a dead idle one (see `dead_connection`).
     async fn read_head(
         &mut self,
         method: &Method,
         headers: &mut HeaderMap,
     ) -> Result<Parsed, ExchangeError> {
+        let mut interim = false;
         loop {
             if !self.read.is_empty() {
                 match parse_head(&mut self.read, method, headers)? {
@@ -363,6 +415,7 @@ impl Conn {
                         if parsed.status.is_informational()
                             && parsed.status != StatusCode::SWITCHING_PROTOCOLS =>
                     {
+                        interim = true;
                         continue;
                     }
                     Some(parsed) => return Ok(parsed),
@@ -373,9 +426,14 @@ impl Conn {
                 }
             }
             match self.fill().await {
-                Ok(0) if self.read.is_empty() => return Err(ExchangeError::Closed),
+                Ok(0) if self.read.is_empty() && !interim => return Err(ExchangeError::Closed),
                 Ok(0) => return Err(ExchangeError::Invalid("connection closed inside the head")),
                 Ok(_) => {}
+                Err(_) if interim => {
+                    return Err(ExchangeError::Invalid(
+                        "connection lost after an interim answer",
+                    ));
+                }
                 Err(err) => return Err(ExchangeError::Receive(err)),
             }
         }
@@ -641,14 +699,7 @@ impl ResponseBody {
             }
             // Need more bytes.
             let conn = self.conn.as_mut().expect("checked above");
-            if conn.read.capacity() - conn.read.len() < 1024 {
-                conn.read.reserve(READ_CHUNK);
-            }
-            match ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut conn.io),
-                cx,
-                &mut conn.read
-            )) {
+            match ready!(conn.poll_fill(cx)) {
                 Ok(0) if matches!(self.state, State::Close) => {
                     self.state = State::Done;
                     self.conn = None;
