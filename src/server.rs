@@ -19,7 +19,7 @@ use crate::limiter::{Backend, Fallback, Health, Limit, MemoryBackend, RedisBacke
 use crate::metrics::Metrics;
 use crate::middleware::{FailurePolicy, RateLimit};
 use crate::proxy::{self, Upstream};
-use crate::settings::{BackendKind, KeyKind, RedisFailure, Settings, redact_url};
+use crate::settings::{BackendKind, KeyKind, Settings, redact_url};
 
 /// How often idle keys are dropped from in-memory state.
 pub const RETAIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -41,6 +41,16 @@ pub struct Floodgate {
 impl Floodgate {
     /// Builds the backend the settings ask for.
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
+        if let Some(everyone) = settings
+            .trusted_proxies
+            .iter()
+            .find(|net| net.prefix_len() == 0)
+        {
+            log::warn!(
+                "FLOODGATE_TRUSTED_PROXIES includes {everyone}: every client is trusted, so every \
+                 client can name its own address in X-Forwarded-For"
+            );
+        }
         let limit = default_limit(&settings);
         let metrics = Arc::new(Metrics::default());
         let backend: Arc<dyn Backend> = match settings.backend {
@@ -52,18 +62,13 @@ impl Floodgate {
                 } else {
                     RedisTarget::Cluster(redis.cluster.clone())
                 };
-                let fallback = match redis.failure {
-                    RedisFailure::Local => Fallback::Local,
-                    RedisFailure::Open => Fallback::Open,
-                    RedisFailure::Closed => Fallback::Closed,
-                };
                 Arc::new(
                     RedisBackend::new(
                         target,
                         [&limit],
                         redis.prefix.clone(),
                         redis.timeout,
-                        fallback,
+                        redis.failure,
                         settings.max_keys,
                     )
                     .map(|backend| backend.metrics(metrics.clone()))
@@ -102,8 +107,8 @@ impl Floodgate {
             .key(key_extractor(&settings))
             .headers(settings.headers)
             .on_backend_error(match settings.redis.failure {
-                RedisFailure::Closed => FailurePolicy::Closed,
-                RedisFailure::Open | RedisFailure::Local => FailurePolicy::Open,
+                Fallback::Closed => FailurePolicy::Closed,
+                Fallback::Open | Fallback::Local => FailurePolicy::Open,
             })
             .metrics(metrics.clone());
         Ok(Floodgate {

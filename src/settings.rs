@@ -21,7 +21,7 @@ use config::{Config, Environment, File, FileFormat, Value, ValueKind};
 use ipnet::IpNet;
 
 use crate::headers::HeaderStyle;
-use crate::limiter::Rate;
+use crate::limiter::{Fallback, MAX_TOLERANCE, Rate};
 use crate::proxy::{HostHeader, Upstream};
 
 /// The shipped, commented defaults (also the lowest settings layer).
@@ -81,14 +81,6 @@ pub enum BackendKind {
     Redis,
 }
 
-/// What happens when Redis cannot decide (`FLOODGATE_REDIS_FAILURE`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RedisFailure {
-    Local,
-    Open,
-    Closed,
-}
-
 /// Redis connection and behaviour (`FLOODGATE_REDIS_*`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisSettings {
@@ -96,7 +88,7 @@ pub struct RedisSettings {
     pub cluster: Vec<String>,
     pub prefix: String,
     pub timeout: Duration,
-    pub failure: RedisFailure,
+    pub failure: Fallback,
 }
 
 /// Never prints passwords.
@@ -181,10 +173,7 @@ impl Settings {
 
         let mut unknown: Vec<&String> = env
             .keys()
-            .filter(|name| {
-                **name != CONFIG_VAR
-                    && !KEYS.contains(&name[ENV_PREFIX.len()..].to_ascii_lowercase().as_str())
-            })
+            .filter(|name| **name != CONFIG_VAR && !KEYS.iter().any(|key| env_name(key) == **name))
             .collect();
         unknown.sort();
         for name in unknown {
@@ -445,8 +434,17 @@ impl<'a> Raw<'a> {
         let burst = match self.get("burst") {
             None => rate.map(|r| r.count()),
             Some(_) => self.parse("burst", |s| {
-                s.parse::<NonZeroU32>()
-                    .map_err(|_| format!("expected a whole number from 1 to {}", u32::MAX))
+                let burst = s
+                    .parse::<NonZeroU32>()
+                    .map_err(|_| format!("expected a whole number from 1 to {}", u32::MAX))?;
+                // A key may run at most MAX_TOLERANCE ahead of schedule.
+                let most = rate.map(|r| MAX_TOLERANCE.as_micros() / r.emission_interval().as_micros() + 1);
+                match most {
+                    Some(most) if u128::from(burst.get()) > most => Err(format!(
+                        "with this rate a burst may be at most {most} (100 years' worth of requests)"
+                    )),
+                    _ => Ok(burst),
+                }
             }),
         };
         let key = self.required("key", parse_key);
@@ -477,13 +475,24 @@ impl<'a> Raw<'a> {
                     .collect::<Result<Vec<_>, _>>()
             })
             .unwrap_or_default();
-        let redis_prefix = self.get("redis_prefix").unwrap_or("").to_owned();
-        let redis_timeout = self.required("redis_timeout", parse_duration);
+        let redis_prefix = self
+            .parse("redis_prefix", |s| {
+                if s.contains(['{', '}']) {
+                    Err("must not contain { or }: floodgate's keys use them as the Redis Cluster hash tag".into())
+                } else {
+                    Ok(s.to_owned())
+                }
+            })
+            .unwrap_or_default();
+        let redis_timeout = self.required("redis_timeout", |s| match parse_duration(s)? {
+            d if d < Duration::from_millis(1) => Err("expected at least 1ms".into()),
+            d => Ok(d),
+        });
         let redis_failure =
             self.required("redis_failure", |s| match s.to_ascii_lowercase().as_str() {
-                "local" => Ok(RedisFailure::Local),
-                "open" => Ok(RedisFailure::Open),
-                "closed" => Ok(RedisFailure::Closed),
+                "local" => Ok(Fallback::Local),
+                "open" => Ok(Fallback::Open),
+                "closed" => Ok(Fallback::Closed),
                 _ => Err("expected local, open or closed".into()),
             });
         let admin_listen = self.required("admin_listen", parse_addr);
@@ -593,20 +602,22 @@ fn parse_key(s: &str) -> Result<KeyKind, String> {
         return Err(ACCEPTED.into());
     };
     let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| ACCEPTED.to_owned())?;
-    let hop_by_hop = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
+    // Headers floodgate drops or rewrites on the way would let the key and
+    // what the upstream sees disagree.
+    let rewritten = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-real-ip",
+        "expect",
     ];
-    if hop_by_hop.contains(&name.as_str()) {
+    if crate::proxy::is_hop_by_hop(&name)
+        || name.as_str().contains('_')
+        || rewritten.contains(&name.as_str())
+    {
         return Err(format!(
-            "{name} is a hop-by-hop header and cannot be a key; {ACCEPTED}"
+            "{name} is dropped or rewritten by floodgate and cannot be a key; {ACCEPTED}"
         ));
     }
     Ok(KeyKind::Header(name))
@@ -677,7 +688,7 @@ mod tests {
         assert_eq!(s.redis.url, "redis://127.0.0.1:6379/");
         assert_eq!(s.redis.prefix, "floodgate:");
         assert_eq!(s.redis.timeout, Duration::from_millis(50));
-        assert_eq!(s.redis.failure, RedisFailure::Local);
+        assert_eq!(s.redis.failure, Fallback::Local);
         assert_eq!(s.admin_listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(s.upstream_timeout, Duration::from_secs(30));
         assert_eq!(s.client_timeout, Duration::from_secs(60));
@@ -849,8 +860,40 @@ mod tests {
     }
 
     #[test]
+    fn limits_that_would_overflow_time_are_refused() {
+        let err = load(&[("FLOODGATE_RATE", "1/d"), ("FLOODGATE_BURST", "300000")]).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "FLOODGATE_BURST=\"300000\": with this rate a burst may be at most 36501"
+            ),
+            "{err}"
+        );
+        assert!(load(&[("FLOODGATE_RATE", "1/d"), ("FLOODGATE_BURST", "36501")]).is_ok());
+        let err = load(&[("FLOODGATE_RATE", "2000000/s")]).unwrap_err();
+        assert!(
+            err.to_string().contains("at most 1000000 per second"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn variables_are_upper_case_and_prefixes_cannot_break_hash_tags() {
+        let err = load(&[("FLOODGATE_rate", "1/s")]).unwrap_err();
+        assert!(
+            err.to_string().contains("FLOODGATE_rate: unknown setting"),
+            "{err}"
+        );
+        let err = load(&[("FLOODGATE_REDIS_PREFIX", "app{1}:")]).unwrap_err();
+        assert!(err.to_string().contains("must not contain { or }"), "{err}");
+        let err = load(&[("FLOODGATE_REDIS_TIMEOUT", "0.1ms")]).unwrap_err();
+        assert!(err.to_string().contains("at least 1ms"), "{err}");
+    }
+
+    #[test]
     fn key_header_cannot_be_hop_by_hop() {
-        let err = load(&[("FLOODGATE_KEY", "header:connection")]).unwrap_err();
-        assert!(err.to_string().contains("hop-by-hop"), "{err}");
+        for header in ["connection", "x-forwarded-for", "forwarded", "x_api_key"] {
+            let err = load(&[("FLOODGATE_KEY", &format!("header:{header}"))]).unwrap_err();
+            assert!(err.to_string().contains("dropped or rewritten"), "{err}");
+        }
     }
 }

@@ -828,3 +828,121 @@ fn cluster_enforces_one_limit_across_two_replicas() {
     }
     assert_eq!(found, expected);
 }
+
+/// A TCP relay to Redis whose existing connections can be made to go silent
+/// (bytes dropped both ways, sockets left open): what a network partition or
+/// a failed-over address looks like to a client. New connections relay again.
+struct Blackhole {
+    addr: SocketAddr,
+    generation: Arc<AtomicUsize>,
+}
+
+impl Blackhole {
+    fn start(to: SocketAddr) -> Blackhole {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let generation = Arc::new(AtomicUsize::new(0));
+        let current = generation.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let Ok(server) = TcpStream::connect(to) else {
+                    continue;
+                };
+                let born = current.load(Ordering::SeqCst);
+                for (mut from, mut into) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let current = current.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let Ok(n) = io::Read::read(&mut from, &mut buf) else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            // Silenced: swallow, keep the socket open.
+                            if current.load(Ordering::SeqCst) == born
+                                && into.write_all(&buf[..n]).is_err()
+                            {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Blackhole { addr, generation }
+    }
+
+    /// Every connection open now goes silent for good.
+    fn silence_existing(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_connection_redis_went_silent_on_is_replaced() {
+    let redis = RedisServer::start();
+    let relay = Blackhole::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let up = upstream().run();
+    let fg = redis_proxy(up.addr(), &format!("redis://{}/", relay.addr))
+        .env("FLOODGATE_REDIS_FAILURE", "local")
+        .run();
+    wait_ready(fg.admin, || redis.log());
+    call_within_budget(fg.addr, "before", 200, "before the partition");
+
+    relay.silence_existing();
+    // Decisions time out on the silent connection; the fallback answers.
+    call_within_budget(fg.addr, "during", 200, "while the connection is silent");
+    // No error ever arrives on that connection: only replacing it helps.
+    let took = within(
+        Duration::from_secs(3),
+        "a new connection and ready again",
+        || is_ready(fg.admin),
+    );
+    eprintln!("ready again {took:?} after the connection went silent");
+    let keys_before = scan(&redis).len();
+    call_within_budget(fg.addr, "after", 200, "after reconnecting");
+    assert!(
+        scan(&redis).len() > keys_before,
+        "decisions are made in Redis again"
+    );
+}
+
+#[test]
+fn a_read_only_replica_keeps_the_circuit_open_without_flapping() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let up = upstream().run();
+    let mut fg = Binary::start(&[
+        ("FLOODGATE_UPSTREAM", &format!("http://{}", up.addr())),
+        ("FLOODGATE_BACKEND", "redis"),
+        ("FLOODGATE_REDIS_URL", &replica.url()),
+        ("FLOODGATE_REDIS_FAILURE", "local"),
+        ("FLOODGATE_KEY", &format!("header:{KEY_HEADER}")),
+    ]);
+    // Traffic meets READONLY; the probe writes too, so it keeps meeting it.
+    for i in 0..20 {
+        call_within_budget(
+            fg.addr,
+            &format!("k{i}"),
+            200,
+            "against a read-only replica",
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, body) = readyz(fg.admin);
+    assert_eq!(status, 200);
+    assert!(body.starts_with("ready, degraded"), "{body}");
+    fg.signal("TERM");
+    let log = fg.stderr();
+    assert!(
+        !log.contains("answering again"),
+        "the circuit flapped:\n{log}"
+    );
+    assert!(log.contains("read only replica"), "{log}");
+}

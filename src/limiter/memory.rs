@@ -175,8 +175,8 @@ impl KeyTable {
     }
 
     /// Forgets the eighth of the table with the oldest TATs. One caller sweeps
-    /// at a time; concurrent inserters go ahead, so the table may briefly hold
-    /// a few keys (at most one per worker) over its cap.
+    /// at a time; other threads keep inserting meanwhile, so for the length of
+    /// one sweep the table may hold somewhat more than its cap.
     fn make_room(&self) {
         if self.evicting.swap(true, Ordering::Acquire) {
             return;

@@ -84,17 +84,24 @@ impl Limit {
         self.rate.emission_interval()
     }
 
-    /// `tau`: how far ahead of schedule a key may run (`T * (burst - 1)`).
+    /// `tau`: how far ahead of schedule a key may run (`T * (burst - 1)`),
+    /// at most [`MAX_TOLERANCE`].
     pub fn tolerance(&self) -> Duration {
-        self.emission_interval() * (self.burst.get() - 1)
+        self.emission_interval()
+            .checked_mul(self.burst.get() - 1)
+            .map_or(MAX_TOLERANCE, |tau| tau.min(MAX_TOLERANCE))
     }
 
-    /// The governor quota with the same `T` and burst.
+    /// The governor quota with the same `T` and tolerance.
     pub(crate) fn quota(&self) -> governor::Quota {
+        let t = self.emission_interval();
+        // The burst that gives the (possibly capped) tolerance.
+        let burst =
+            u32::try_from(self.tolerance().as_micros() / t.as_micros() + 1).unwrap_or(u32::MAX);
         // `with_period` only fails for a zero period, which `Rate` rules out.
-        governor::Quota::with_period(self.emission_interval())
+        governor::Quota::with_period(t)
             .expect("Rate guarantees a non-zero emission interval")
-            .allow_burst(self.burst)
+            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
     }
 
     /// Time until a key with `remaining` cells left is back to a full burst.
@@ -106,6 +113,12 @@ impl Limit {
         self.emission_interval() * self.burst.get().saturating_sub(remaining)
     }
 }
+
+/// The longest tolerance a limit may have: a key may run 100 years ahead of
+/// schedule at most. Far beyond any useful burst, and keeps Redis's
+/// microsecond arithmetic (doubles, exact up to 2^53 µs ≈ 285 years) exact;
+/// settings refuse more, and a [`Limit`] built in code is capped.
+pub const MAX_TOLERANCE: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 // === Decision ===
 

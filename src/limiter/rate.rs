@@ -27,18 +27,21 @@ pub enum RateError {
     Unit(String),
     #[error("the period count must be a whole number of at least 1")]
     PeriodCount,
+    #[error("at most 1000000 per second (one per microsecond)")]
+    TooFast,
 }
 
 impl Rate {
-    /// `count` per `period`. The period must be at least one nanosecond per
-    /// request, which every rate this type can parse satisfies.
+    /// `count` per `period`, at most one per microsecond (see
+    /// [`emission_interval`](Self::emission_interval)).
     pub fn new(count: NonZeroU32, period: Duration) -> Result<Self, RateError> {
-        if period.as_nanos() < u128::from(count.get()) {
-            return Err(RateError::Count);
+        if period.as_micros() < u128::from(count.get()) {
+            return Err(RateError::TooFast);
         }
         Ok(Rate { count, period })
     }
 
+    /// `count` per second; more than 1,000,000 is treated as 1,000,000.
     pub fn per_second(count: NonZeroU32) -> Self {
         Rate {
             count,
@@ -46,6 +49,7 @@ impl Rate {
         }
     }
 
+    /// `count` per minute; more than 60,000,000 is treated as 60,000,000.
     pub fn per_minute(count: NonZeroU32) -> Self {
         Rate {
             count,
@@ -61,9 +65,13 @@ impl Rate {
         self.period
     }
 
-    /// `period / count`: the time one request's worth of quota takes to refill.
+    /// `T = period / count`: the time one request's worth of quota takes to
+    /// refill, in whole microseconds (rounded down, at least one). Redis keeps
+    /// time in microseconds, and both backends use this same `T` so that they
+    /// agree exactly: `300000/s` is enforced as one per 3 µs.
     pub fn emission_interval(&self) -> Duration {
-        self.period / self.count.get()
+        let micros = self.period.as_micros() / u128::from(self.count.get());
+        Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX).max(1))
     }
 }
 
@@ -155,6 +163,7 @@ mod tests {
         assert_eq!("-1/min".parse::<Rate>(), Err(RateError::Count));
         assert_eq!("ten/min".parse::<Rate>(), Err(RateError::Count));
         assert_eq!("99999999999/s".parse::<Rate>(), Err(RateError::Count));
+        assert_eq!("1000001/s".parse::<Rate>(), Err(RateError::TooFast));
         assert_eq!("10/0s".parse::<Rate>(), Err(RateError::PeriodCount));
         assert_eq!(
             "10/fortnight".parse::<Rate>(),
@@ -169,6 +178,18 @@ mod tests {
         assert_eq!(r.emission_interval(), Duration::from_secs(6));
         let r: Rate = "1000000/s".parse().unwrap();
         assert_eq!(r.emission_interval(), Duration::from_micros(1));
+        let r: Rate = "300000/s".parse().unwrap();
+        assert_eq!(
+            r.emission_interval(),
+            Duration::from_micros(3),
+            "whole microseconds"
+        );
+        let r = Rate::per_second(NonZeroU32::new(u32::MAX).unwrap());
+        assert_eq!(
+            r.emission_interval(),
+            Duration::from_micros(1),
+            "never zero"
+        );
     }
 
     #[test]

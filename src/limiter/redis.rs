@@ -27,7 +27,7 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -44,6 +44,13 @@ use crate::settings::redact_url;
 
 /// How often a down Redis is asked again.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Failed probes after which the connection is replaced (about a second).
+const RECONNECT_AFTER: u32 = 4;
+
+/// How much longer than the Redis timeout a decision may wait for its batch
+/// before giving up on its own (the batch itself gives up at the timeout).
+const BATCH_GRACE: Duration = Duration::from_millis(100);
 
 /// Refusals remembered locally at most (per process); beyond it, refusals
 /// are simply not cached.
@@ -119,7 +126,8 @@ pub struct RedisBackend {
 
 struct Inner {
     target: RedisTarget,
-    conn: OnceLock<Conn>,
+    /// Replaced by the probe when Redis stays silent on it (see `ping`).
+    conn: RwLock<Option<Conn>>,
     script: redis::Script,
     prefix: String,
     timeout: Duration,
@@ -143,12 +151,10 @@ struct Params {
 
 impl Params {
     fn new(limit: &Limit) -> Self {
-        let t_us = u64::try_from(limit.emission_interval().as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         Params {
-            t_us,
-            tau_us: t_us.saturating_mul(u64::from(limit.burst().get() - 1)),
+            t_us: micros(limit.emission_interval()),
+            tau_us: micros(limit.tolerance()),
         }
     }
 }
@@ -178,7 +184,7 @@ impl RedisBackend {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 target,
-                conn: OnceLock::new(),
+                conn: RwLock::new(None),
                 script: redis::Script::new(GCRA_SCRIPT),
                 prefix: prefix.into(),
                 timeout,
@@ -226,22 +232,24 @@ impl Backend for RedisBackend {
         if let Some(decision) = inner.blocked.get(limit, key) {
             return Ok(decision);
         }
-        if inner.circuit.state() != State::Up || inner.conn.get().is_none() {
+        if inner.circuit.state() != State::Up {
             let down = BackendError::Unavailable("redis is down".into());
             return inner.fallback(limit, key, down);
         }
         let answer = batch::decide(inner, inner.redis_key(limit, key), params).await;
         match answer {
-            Ok((1, remaining, _)) => {
+            Ok(((1, remaining, _), _)) => {
                 let remaining = u32::try_from(remaining.max(0)).unwrap_or(u32::MAX);
                 Ok(Decision::Allowed {
                     remaining,
                     reset_after: limit.reset_after(remaining),
                 })
             }
-            Ok((_, _, wait_us)) => {
+            Ok(((_, _, wait_us), sent_at)) => {
                 let retry_after = Duration::from_micros(wait_us.max(0).unsigned_abs());
-                inner.blocked.insert(limit, key, retry_after);
+                // Counted from when the batch left, never later than Redis's
+                // own retry time: the cache never refuses what Redis would allow.
+                inner.blocked.insert(limit, key, sent_at + retry_after);
                 Ok(Decision::Limited {
                     retry_after,
                     reset_after: retry_after + limit.tolerance(),
@@ -348,17 +356,25 @@ impl Inner {
     }
 
     /// Starts the background probe unless one runs: connect if needed, then
-    /// `PING` every [`PROBE_INTERVAL`] until Redis answers in time.
+    /// run the script on a probe key every [`PROBE_INTERVAL`] until Redis
+    /// answers in time. After [`RECONNECT_AFTER`] failed probes the
+    /// connection is replaced: one Redis stopped answering on (a silent
+    /// network drop, a failover) may otherwise never fail outright.
     fn probe(self: &Arc<Self>) {
         if self.circuit.probing.swap(true, Ordering::AcqRel) {
             return;
         }
         let inner = self.clone();
         actix_web::rt::spawn(async move {
+            let mut failures = 0;
             loop {
                 match inner.ping().await {
                     Ok(()) => break,
                     Err(err) => {
+                        failures += 1;
+                        if failures % RECONNECT_AFTER == 0 {
+                            inner.conn.write().unwrap_or_else(|e| e.into_inner()).take();
+                        }
                         if inner.circuit.set(State::Down) == State::Connecting {
                             log::warn!(
                                 "redis unavailable at startup ({err}); {} until it answers",
@@ -374,6 +390,8 @@ impl Inner {
                 }
                 actix_web::rt::time::sleep(PROBE_INTERVAL).await;
             }
+            // Probing ends before the circuit closes: a trip in between then
+            // starts a new probe instead of finding this one still running.
             inner.circuit.probing.store(false, Ordering::Release);
             let before = inner.circuit.set(State::Up);
             let since = inner
@@ -393,9 +411,18 @@ impl Inner {
         });
     }
 
+    /// The current connection, if any.
+    fn connection(&self) -> Option<Conn> {
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Connects if needed, then makes one real decision on a probe key: the
+    /// script runs and writes, so a replica demoted to read-only, or a Redis
+    /// without the script loaded, is found here and not by traffic.
     async fn ping(&self) -> Result<(), BackendError> {
-        let conn = match self.conn.get() {
-            Some(conn) => conn.clone(),
+        let patience = self.timeout.max(Duration::from_millis(200));
+        let mut conn = match self.connection() {
+            Some(conn) => conn,
             None => {
                 let conn = actix_web::rt::time::timeout(
                     self.timeout.max(Duration::from_secs(1)),
@@ -404,19 +431,32 @@ impl Inner {
                 .await
                 .map_err(|_| BackendError::Timeout(self.timeout))?
                 .map_err(|e| BackendError::Unavailable(e.to_string()))?;
-                self.conn.get_or_init(|| conn).clone()
+                *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+                conn
             }
         };
-        let mut conn = conn;
-        let pong = actix_web::rt::time::timeout(
-            self.timeout.max(Duration::from_millis(200)),
-            redis::cmd("PING").query_async::<String>(&mut conn),
-        )
-        .await;
-        match pong {
+        let key = format!("{}{{floodgate-probe}}:probe", self.prefix);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash())
+            .arg(1)
+            .arg(key)
+            .arg(1)
+            .arg(0);
+        match actix_web::rt::time::timeout(patience, self.eval(&mut conn, &cmd)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(err)) => Err(BackendError::Unavailable(err.to_string())),
-            Err(_) => Err(BackendError::Timeout(self.timeout)),
+            Err(_) => Err(BackendError::Timeout(patience)),
+        }
+    }
+
+    /// Runs a prepared `EVALSHA` of the script, loading it after `NOSCRIPT`.
+    async fn eval(&self, conn: &mut Conn, cmd: &redis::Cmd) -> Result<Vec<i64>, RedisError> {
+        match cmd.query_async::<Vec<i64>>(conn).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.script.load_async(conn).await?;
+                cmd.query_async::<Vec<i64>>(conn).await
+            }
+            other => other,
         }
     }
 
@@ -434,6 +474,7 @@ impl Inner {
                     .set_min_delay(Duration::from_millis(10))
                     .set_max_delay(Duration::from_millis(100))
                     .set_connection_timeout(Some(Duration::from_secs(1)))
+                    // Every call has its own deadline (`redis_timeout`).
                     .set_response_timeout(None);
                 Ok(Conn::Single(
                     ConnectionManager::new_with_config(client, config).await?,
@@ -480,14 +521,16 @@ mod batch {
     use std::rc::Rc;
     use std::sync::Arc;
     use std::task::{Poll, Waker};
+    use std::time::Instant;
 
-    use super::{BackendError, Inner, Params, is_outage};
+    use super::{BATCH_GRACE, BackendError, Inner, Params, RedisTarget, is_outage};
 
     /// Decisions per script call at most.
     const MAX_BATCH: usize = 64;
 
-    /// A decision's raw answer: `(taken, remaining, wait_µs)`.
-    pub type Raw = (i64, i64, i64);
+    /// A decision's raw answer, `(taken, remaining, wait_µs)`, and when its
+    /// batch was sent.
+    pub type Raw = ((i64, i64, i64), Instant);
 
     pub struct Failure {
         pub error: BackendError,
@@ -525,36 +568,62 @@ mod batch {
     }
 
     /// Queues one decision for this turn's batch and waits for its answer,
-    /// which always comes within the backend's timeout.
+    /// which comes within the backend's timeout (its batch gives up then;
+    /// should the batch never run at all, the wait gives up a little later).
     pub async fn decide(inner: &Arc<Inner>, key: Vec<u8>, params: Params) -> Result<Raw, Failure> {
         let answer = Rc::new(Slot::default());
+        // One Redis: any keys may share a call. Cluster: one slot per call.
+        let slot_of_key = match inner.target {
+            RedisTarget::Single(_) => 0,
+            RedisTarget::Cluster(_) => cluster_slot(&key),
+        };
         QUEUE.with_borrow_mut(|queue| {
             queue.push(Pending {
                 inner: inner.clone(),
-                slot_of_key: cluster_slot(&key),
+                slot_of_key,
                 key,
                 params,
                 answer: answer.clone(),
             })
         });
         if !FLUSH_SCHEDULED.replace(true) {
-            actix_web::rt::spawn(flush());
+            // Moved into the task: if the task is dropped unrun (its runtime
+            // stops), the flag is cleared all the same.
+            let scheduled = Scheduled;
+            actix_web::rt::spawn(flush(scheduled));
         }
-        std::future::poll_fn(|cx| match answer.answer.take() {
+        let wait = std::future::poll_fn(|cx| match answer.answer.take() {
             Some(result) => Poll::Ready(result),
             None => {
                 *answer.waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
             }
-        })
-        .await
+        });
+        let patience = inner.timeout + BATCH_GRACE;
+        actix_web::rt::time::timeout(patience, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure {
+                    error: BackendError::Timeout(patience),
+                    outage: true,
+                })
+            })
+    }
+
+    /// Clears `FLUSH_SCHEDULED` when the flush task ends, run or not.
+    struct Scheduled;
+
+    impl Drop for Scheduled {
+        fn drop(&mut self) {
+            FLUSH_SCHEDULED.set(false);
+        }
     }
 
     /// After every task ready in this turn has queued its decisions, sends
     /// them: one call per backend and cluster slot, all concurrently.
-    async fn flush() {
+    async fn flush(scheduled: Scheduled) {
         tokio::task::yield_now().await;
-        FLUSH_SCHEDULED.set(false);
+        drop(scheduled);
         let mut queued = QUEUE.take();
         // Stable: arrival order is kept within each group.
         queued.sort_by_key(|p| (Arc::as_ptr(&p.inner) as usize, p.slot_of_key));
@@ -577,16 +646,12 @@ mod batch {
     /// One script call for `batch`, answered within the timeout.
     async fn send(batch: Vec<Pending>) {
         let inner = batch[0].inner.clone();
-        let Some(conn) = inner.conn.get() else {
-            for p in batch {
-                p.answer.fill(Err(Failure {
-                    error: BackendError::Unavailable("not connected to redis".into()),
-                    outage: true,
-                }));
-            }
-            return;
+        let Some(mut conn) = inner.connection() else {
+            return fail(batch, || Failure {
+                error: BackendError::Unavailable("not connected to redis".into()),
+                outage: true,
+            });
         };
-        let mut conn = conn.clone();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(inner.script.get_hash()).arg(batch.len());
         for p in &batch {
@@ -595,22 +660,13 @@ mod batch {
         for p in &batch {
             cmd.arg(p.params.t_us).arg(p.params.tau_us);
         }
-        let call = async {
-            match cmd.query_async::<Vec<i64>>(&mut conn).await {
-                Err(err)
-                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    inner.script.load_async(&mut conn).await?;
-                    cmd.query_async::<Vec<i64>>(&mut conn).await
-                }
-                other => other,
-            }
-        };
+        let sent_at = Instant::now();
+        let call = inner.eval(&mut conn, &cmd);
         let result = actix_web::rt::time::timeout(inner.timeout, call).await;
         match result {
             Ok(Ok(values)) if values.len() == 3 * batch.len() => {
                 for (p, v) in batch.iter().zip(values.chunks_exact(3)) {
-                    p.answer.fill(Ok((v[0], v[1], v[2])));
+                    p.answer.fill(Ok(((v[0], v[1], v[2]), sent_at)));
                 }
             }
             Ok(Ok(values)) => fail(batch, || Failure {
@@ -723,16 +779,18 @@ struct Circuit {
 
 impl Circuit {
     fn state(&self) -> State {
-        match self.state.load(Ordering::Acquire) {
-            0 => State::Connecting,
-            1 => State::Up,
-            _ => State::Down,
-        }
+        State::from(self.state.load(Ordering::Acquire))
     }
 
     /// Sets the state, returning the previous one.
     fn set(&self, state: State) -> State {
-        match self.state.swap(state as u8, Ordering::AcqRel) {
+        State::from(self.state.swap(state as u8, Ordering::AcqRel))
+    }
+}
+
+impl From<u8> for State {
+    fn from(value: u8) -> Self {
+        match value {
             0 => State::Connecting,
             1 => State::Up,
             _ => State::Down,
@@ -766,10 +824,9 @@ impl Blocked {
         })
     }
 
-    fn insert(&self, limit: &Limit, key: &RateKey, retry_after: Duration) {
+    fn insert(&self, limit: &Limit, key: &RateKey, until: Instant) {
         if self.until.len() < BLOCKED_CAP {
-            self.until
-                .insert(self.digest(limit, key), Instant::now() + retry_after);
+            self.until.insert(self.digest(limit, key), until);
         }
     }
 

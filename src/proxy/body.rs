@@ -67,7 +67,7 @@ impl Progress {
     /// own deadline in [`RequestBody`]).
     ///
     /// It must be polled in the same task as the request it watches (it is,
-    /// through `select!`), so every wake-up caused by body progress also
+    /// through `WithDeadline`), so every wake-up caused by body progress also
     /// re-checks the deadline here.
     pub fn stalled_for(self, timeout: Duration) -> Stalled {
         let deadline = self.0.last_moved.get() + timeout;

@@ -39,6 +39,8 @@ thread_local! {
 pub struct Deadline {
     at: Instant,
     slot: Option<usize>,
+    /// Registered in this thread's slab: must not move to another thread.
+    _local: std::marker::PhantomData<*const ()>,
 }
 
 impl Deadline {
@@ -46,6 +48,7 @@ impl Deadline {
         Deadline {
             at: Instant::now() + after,
             slot: None,
+            _local: std::marker::PhantomData,
         }
     }
 }
@@ -86,7 +89,9 @@ impl Future for Deadline {
                 };
                 if !wheel.reaper {
                     wheel.reaper = true;
-                    actix_web::rt::spawn(reap());
+                    // Moved into the task: if it is dropped (its runtime
+                    // stops), the next deadline starts a new one.
+                    actix_web::rt::spawn(reap(Reaper));
                 }
                 slot
             }
@@ -108,8 +113,17 @@ impl Drop for Deadline {
     }
 }
 
+/// Marks the reaper as gone when its task ends, run to completion or not.
+struct Reaper;
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        WHEEL.with_borrow_mut(|wheel| wheel.reaper = false);
+    }
+}
+
 /// Wakes expired deadlines; stops when none is left (the next one restarts it).
-async fn reap() {
+async fn reap(_running: Reaper) {
     let mut ticks = actix_web::rt::time::interval(GRANULARITY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -122,7 +136,6 @@ async fn reap() {
                 }
             }
             if wheel.live == 0 {
-                wheel.reaper = false;
                 wheel.slots.clear();
                 wheel.free.clear();
                 true
