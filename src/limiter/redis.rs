@@ -602,12 +602,10 @@ mod batch {
         let patience = inner.timeout + BATCH_GRACE;
         actix_web::rt::time::timeout(patience, wait)
             .await
-            .unwrap_or_else(|_| {
-                Err(Failure {
-                    error: BackendError::Timeout(patience),
-                    outage: true,
-                })
-            })
+            .unwrap_or(Err(Failure {
+                error: BackendError::Timeout(patience),
+                outage: true,
+            }))
     }
 
     /// Clears `FLUSH_SCHEDULED` when the flush task ends, run or not.
