@@ -481,8 +481,7 @@ fn parse_head(
     for h in response.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
+            for token in crate::headers::tokens(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     connection_close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
