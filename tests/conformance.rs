@@ -236,11 +236,27 @@ mod redis {
     use super::*;
     use support::RedisServer;
 
-    /// Each backend gets its own redis-server (kept alive for the process by
-    /// leaking it: test processes are short-lived, and Drop would stop it
-    /// while the backend is still in use).
+    /// A Redis backend that owns the redis-server it talks to: the server
+    /// lives exactly as long as the backend (the last `Arc` clone).
+    struct WithServer {
+        backend: RedisBackend,
+        _server: RedisServer,
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Backend for WithServer {
+        async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, floodgate::BackendError> {
+            self.backend.check(limit, key).await
+        }
+
+        fn kind(&self) -> &'static str {
+            self.backend.kind()
+        }
+    }
+
+    /// Each backend gets its own redis-server.
     async fn make(limits: &[&Limit]) -> Arc<dyn Backend> {
-        let server = Box::leak(Box::new(RedisServer::start()));
+        let server = RedisServer::start();
         let backend = RedisBackend::new(
             RedisTarget::Single(server.url()),
             limits.iter().copied(),
@@ -261,7 +277,10 @@ mod redis {
             );
             actix_web::rt::time::sleep(Duration::from_millis(10)).await;
         }
-        Arc::new(backend)
+        Arc::new(WithServer {
+            backend,
+            _server: server,
+        })
     }
 
     conformance!(make);
