@@ -18,6 +18,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use bytes::{Bytes, BytesMut};
 
 use crate::limiter::{Decision, Limit};
 
@@ -85,13 +86,13 @@ impl LimitHeaders {
             HeaderStyle::Ietf => {
                 headers.insert(RATELIMIT_POLICY, self.policy.clone());
                 let mut numbers = itoa::Buffer::new();
-                let mut value = Vec::with_capacity(self.item_prefix.len() + 24);
+                let mut value = BytesMut::with_capacity(self.item_prefix.len() + 24);
                 value.extend_from_slice(self.item_prefix.as_bytes());
                 value.extend_from_slice(b"r=");
                 value.extend_from_slice(numbers.format(remaining).as_bytes());
                 value.extend_from_slice(b";t=");
                 value.extend_from_slice(numbers.format(reset).as_bytes());
-                headers.insert(RATELIMIT, header_value(value));
+                headers.insert(RATELIMIT, header_value(value.freeze()));
             }
             HeaderStyle::Legacy => {
                 headers.insert(X_RATELIMIT_LIMIT, self.policy.clone());
@@ -143,9 +144,8 @@ fn sf_string(s: &str) -> String {
     out
 }
 
-fn header_value(bytes: Vec<u8>) -> HeaderValue {
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes))
-        .expect("built only from an sf-string and digits")
+fn header_value(bytes: Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes).expect("built only from an sf-string and digits")
 }
 
 #[cfg(test)]

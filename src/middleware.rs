@@ -30,6 +30,9 @@ pub enum FailurePolicy {
     Closed,
 }
 
+/// The plain-text body of every `429`.
+const TOO_MANY_REQUESTS_TEXT: &str = "Too Many Requests\n";
+
 /// `Retry-After` sent with a `503` under [`FailurePolicy::Closed`].
 pub const CLOSED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -104,30 +107,33 @@ impl RateLimit {
     }
 
     /// The `429` answer for `decision`.
+    /// The body says what happened; `Retry-After` says when to come back,
+    /// so the plain-text body is the same every time (no allocation on the
+    /// path a flood of refused requests takes).
     fn too_many_requests(&self, req: &ServiceRequest, decision: &Decision) -> HttpResponse {
-        let retry = match decision {
-            Decision::Limited { retry_after, .. } => retry_after_secs(*retry_after),
-            Decision::Allowed { .. } => 1,
-        };
         let mut res = HttpResponse::new(StatusCode::TOO_MANY_REQUESTS);
         let body = if wants_problem_json(req) {
+            let retry = match decision {
+                Decision::Limited { retry_after, .. } => retry_after_secs(*retry_after),
+                Decision::Allowed { .. } => 1,
+            };
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/problem+json"),
             );
-            format!(
+            BoxBody::new(format!(
                 "{{\"type\":\"about:blank\",\"title\":\"Too Many Requests\",\"status\":429,\
                  \"detail\":\"Rate limit exceeded; retry in {retry} s.\"}}\n"
-            )
+            ))
         } else {
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; charset=utf-8"),
             );
-            format!("Too Many Requests: retry in {retry} s\n")
+            BoxBody::new(TOO_MANY_REQUESTS_TEXT)
         };
         self.headers.apply(decision, res.headers_mut());
-        res.set_body(BoxBody::new(body))
+        res.set_body(body)
     }
 }
 

@@ -245,7 +245,11 @@ mod redis {
 
     #[async_trait::async_trait(?Send)]
     impl Backend for WithServer {
-        async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, floodgate::BackendError> {
+        async fn check(
+            &self,
+            limit: &Limit,
+            key: &RateKey,
+        ) -> Result<Decision, floodgate::BackendError> {
             self.backend.check(limit, key).await
         }
 
