@@ -70,13 +70,7 @@ impl Setup {
     /// Sends `raw` and returns the answer and the request lines that reached
     /// the configured upstream because of it.
     fn send(&self, raw: &str) -> (Response, Vec<String>) {
-        let stream = TcpStream::connect(self.fg.addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream
-            .set_write_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        let stream = support::client::connect_within(self.fg.addr, Duration::from_secs(5));
         (&stream).write_all(raw.as_bytes()).unwrap();
         let res = read_response(&mut BufReader::new(&stream), false)
             .unwrap_or_else(|e| panic!("no answer to {raw:?}: {e}"));

@@ -99,13 +99,7 @@ struct Client {
 /// Connects, sends the handshake for `path` and reads the answer head (and
 /// body, for a refusal).
 fn handshake(addr: SocketAddr, path: &str) -> (Client, Response) {
-    let stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let stream = support::client::connect_within(addr, Duration::from_secs(5));
     stream.set_nodelay(true).unwrap();
     (&stream).write_all(handshake_raw(path).as_bytes()).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());

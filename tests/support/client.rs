@@ -16,20 +16,14 @@ pub struct Response {
 
 impl Response {
     /// The first value of `name` (case-insensitive).
+    /// The first value of `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.header_all(name).first().copied()
     }
 
     /// Every value of `name`, in order.
     pub fn header_all(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        super::header_values(&self.headers, name)
     }
 
     pub fn text(&self) -> String {
@@ -40,13 +34,14 @@ impl Response {
 /// Connects with generous timeouts so a broken proxy fails the test instead
 /// of hanging it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
+    connect_within(addr, Duration::from_secs(30))
+}
+
+/// Connects with `timeout` on every read and write.
+pub fn connect_within(addr: SocketAddr, timeout: Duration) -> TcpStream {
     let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    stream.set_write_timeout(Some(timeout)).unwrap();
     stream
 }
 

@@ -15,6 +15,15 @@ pub use upstream::{Recorded, Reply, raw_upstream, upstream};
 
 use std::time::{Duration, Instant};
 
+/// The values of header `name` (case-insensitive) in a list of pairs, in order.
+pub fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 /// How long `eventually` waits; `FLOODGATE_TEST_PATIENCE_SECS` raises it on
 /// slow machines.
 pub fn patience() -> Duration {
