@@ -77,22 +77,33 @@ impl LimitHeaders {
         }
     }
 
-    /// Sets this limit's headers for `decision` on a response.
-    pub fn apply(&self, decision: &Decision, headers: &mut HeaderMap) {
+    /// Sets this limit's headers for `decision` on a response. `recent`
+    /// remembers the last values built (one per worker): a flood of refusals
+    /// repeats the same few values, which then cost no formatting and no
+    /// allocation.
+    pub fn apply(&self, decision: &Decision, headers: &mut HeaderMap, recent: &mut Recent) {
         let remaining = decision.remaining();
         let reset = whole_seconds(decision.reset_after());
         match self.style {
             HeaderStyle::None => {}
             HeaderStyle::Ietf => {
                 headers.insert(RATELIMIT_POLICY, self.policy.clone());
-                let mut numbers = itoa::Buffer::new();
-                let mut value = BytesMut::with_capacity(self.item_prefix.len() + 24);
-                value.extend_from_slice(self.item_prefix.as_bytes());
-                value.extend_from_slice(b"r=");
-                value.extend_from_slice(numbers.format(remaining).as_bytes());
-                value.extend_from_slice(b";t=");
-                value.extend_from_slice(numbers.format(reset).as_bytes());
-                headers.insert(RATELIMIT, header_value(value.freeze()));
+                let value = match &recent.ratelimit {
+                    Some((key, value)) if *key == (remaining, reset) => value.clone(),
+                    _ => {
+                        let mut numbers = itoa::Buffer::new();
+                        let mut value = BytesMut::with_capacity(self.item_prefix.len() + 24);
+                        value.extend_from_slice(self.item_prefix.as_bytes());
+                        value.extend_from_slice(b"r=");
+                        value.extend_from_slice(numbers.format(remaining).as_bytes());
+                        value.extend_from_slice(b";t=");
+                        value.extend_from_slice(numbers.format(reset).as_bytes());
+                        let value = header_value(value.freeze());
+                        recent.ratelimit = Some(((remaining, reset), value.clone()));
+                        value
+                    }
+                };
+                headers.insert(RATELIMIT, value);
             }
             HeaderStyle::Legacy => {
                 headers.insert(X_RATELIMIT_LIMIT, self.policy.clone());
@@ -101,10 +112,16 @@ impl LimitHeaders {
             }
         }
         if let Decision::Limited { retry_after, .. } = decision {
-            headers.insert(
-                RETRY_AFTER,
-                HeaderValue::from(retry_after_secs(*retry_after)),
-            );
+            let secs = retry_after_secs(*retry_after);
+            let value = match &recent.retry_after {
+                Some((key, value)) if *key == secs => value.clone(),
+                _ => {
+                    let value = HeaderValue::from(secs);
+                    recent.retry_after = Some((secs, value.clone()));
+                    value
+                }
+            };
+            headers.insert(RETRY_AFTER, value);
         }
     }
 }
@@ -116,6 +133,13 @@ pub fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
+}
+
+/// The last header values [`LimitHeaders::apply`] built, kept per worker.
+#[derive(Debug, Default)]
+pub struct Recent {
+    ratelimit: Option<((u32, u64), HeaderValue)>,
+    retry_after: Option<(u64, HeaderValue)>,
 }
 
 /// `Retry-After` in whole seconds, rounded up and at least 1: a client that
@@ -163,7 +187,7 @@ mod tests {
 
     fn render(style: HeaderStyle, limit: &Limit, decision: Decision) -> Vec<(String, String)> {
         let mut headers = HeaderMap::new();
-        LimitHeaders::new(style, limit).apply(&decision, &mut headers);
+        LimitHeaders::new(style, limit).apply(&decision, &mut headers, &mut Recent::default());
         let mut out: Vec<_> = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))

@@ -3,6 +3,7 @@
 //! One [`Transform`] serves every mode; the only code that writes rate-limit
 //! headers is [`LimitHeaders::apply`], for allowed and limited responses alike.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use actix_web::{Error, HttpResponse, ResponseError};
 use futures_util::future::{LocalBoxFuture, Ready, ready};
 
 use crate::error::ProxyError;
-use crate::headers::{HeaderStyle, LimitHeaders, retry_after_secs};
+use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
 use crate::key::{ClientIp, KeyExtractor};
 use crate::limiter::{Backend, Decision, Limit, RateKey};
 use crate::metrics::Metrics;
@@ -110,7 +111,12 @@ impl RateLimit {
     /// The body says what happened; `Retry-After` says when to come back,
     /// so the plain-text body is the same every time (no allocation on the
     /// path a flood of refused requests takes).
-    fn too_many_requests(&self, req: &ServiceRequest, decision: &Decision) -> HttpResponse {
+    fn too_many_requests(
+        &self,
+        req: &ServiceRequest,
+        decision: &Decision,
+        recent: &mut Recent,
+    ) -> HttpResponse {
         let mut res = HttpResponse::new(StatusCode::TOO_MANY_REQUESTS);
         let body = if wants_problem_json(req) {
             let retry = match decision {
@@ -132,7 +138,7 @@ impl RateLimit {
             );
             BoxBody::new(TOO_MANY_REQUESTS_TEXT)
         };
-        self.headers.apply(decision, res.headers_mut());
+        self.headers.apply(decision, res.headers_mut(), recent);
         res.set_body(body)
     }
 }
@@ -177,7 +183,10 @@ where
         self.backend.start();
         ready(Ok(RateLimitService {
             service: Rc::new(service),
-            config: Rc::new(self.clone()),
+            worker: Rc::new(Worker {
+                config: self.clone(),
+                recent: RefCell::default(),
+            }),
         }))
     }
 }
@@ -185,7 +194,13 @@ where
 /// The per-worker service built by [`RateLimit`].
 pub struct RateLimitService<S> {
     service: Rc<S>,
-    config: Rc<RateLimit>,
+    worker: Rc<Worker>,
+}
+
+/// One worker's copy of the configuration, and its header memo.
+struct Worker {
+    config: RateLimit,
+    recent: RefCell<Recent>,
 }
 
 impl<S, B> Service<ServiceRequest> for RateLimitService<S>
@@ -200,9 +215,10 @@ where
     forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        let config = self.config.clone();
+        let worker = self.worker.clone();
         let service = self.service.clone();
         Box::pin(async move {
+            let config = &worker.config;
             let key = match config.extractor.extract(&req) {
                 Ok(key) => key,
                 Err(err) => {
@@ -217,17 +233,22 @@ where
             };
             let decision = match checked {
                 Ok(decision) => decision,
-                Err(err) => return on_backend_error(&config, req, &key, err, &service).await,
+                Err(err) => return on_backend_error(config, req, &key, err, &service).await,
             };
             if let Decision::Limited { retry_after, .. } = decision {
                 config.metrics.limited.inc();
                 log::debug!("limited key={key} retry_after={retry_after:?}");
-                let res = config.too_many_requests(&req, &decision);
+                let res =
+                    config.too_many_requests(&req, &decision, &mut worker.recent.borrow_mut());
                 return Ok(req.into_response(res).map_into_right_body());
             }
             config.metrics.allowed.inc();
             let mut res = service.call(req).await?;
-            config.headers.apply(&decision, res.headers_mut());
+            config.headers.apply(
+                &decision,
+                res.headers_mut(),
+                &mut worker.recent.borrow_mut(),
+            );
             Ok(res.map_into_left_body())
         })
     }
