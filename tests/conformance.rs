@@ -156,13 +156,38 @@ async fn concurrent_checks_never_share_the_last_cell(
     let l = limit("20/h", 20);
     let b = make(&[&l]).await;
     let k = key("race");
-    let checks = (0..60).map(|_| b.check(&l, &k));
+    // Interleaved with a second key: each key's decisions see the ones
+    // before them, whichever way the backend groups them.
+    let other = key("race-other");
+    let checks = (0..60).map(|i| b.check(&l, if i % 4 == 3 { &other } else { &k }));
     let decisions = futures_util::future::join_all(checks).await;
-    let allowed = decisions
-        .iter()
-        .filter(|d| d.as_ref().unwrap().is_allowed())
-        .count();
-    assert_eq!(allowed, 20);
+    let mut remaining = Vec::new();
+    let mut remaining_other = Vec::new();
+    for (i, d) in decisions.iter().enumerate() {
+        if let Decision::Allowed { remaining: r, .. } = d.as_ref().unwrap() {
+            if i % 4 == 3 {
+                &mut remaining_other
+            } else {
+                &mut remaining
+            }
+            .push(*r);
+        }
+    }
+    remaining.sort_unstable();
+    assert_eq!(
+        remaining,
+        (0..20).collect::<Vec<u32>>(),
+        "one key, 45 at once"
+    );
+    remaining_other.sort_unstable();
+    assert_eq!(
+        remaining_other,
+        (5..20).collect::<Vec<u32>>(),
+        "the other, 15"
+    );
+    // Refusals took nothing: the next one is refused too, not the last cell.
+    assert!(!check(&*b, &l, &k).await.is_allowed());
+    assert_eq!(check(&*b, &l, &other).await.remaining(), 4);
 
     // And from several threads at once.
     let l2 = limit("30/h", 30);

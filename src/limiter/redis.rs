@@ -65,20 +65,32 @@ const BLOCKED_CAP: usize = 100_000;
 /// (`>= 0`) when one was taken, `-1 - wait_µs` when not. The same key twice
 /// in a batch is two decisions, the second seeing the first.
 ///
-/// Redis runs this for every decision, so it is kept lean: one value per
-/// key, integer formatting, no library calls on the hot path (measured with
-/// redis-benchmark at about 17% less Redis CPU than the three-value form).
+/// Redis runs this for every decision, so it is kept lean: each distinct key
+/// is read once and written once per batch (a client sending many requests at
+/// once costs one GET and one SET, not one per request), one value per key,
+/// integer formatting, no library calls per decision. Measured with
+/// redis-benchmark, 16 decisions for one key: 33 µs of Redis time per call
+/// with a GET and a SET per decision, 9 µs like this; 16 distinct keys cost
+/// the same either way (about 37 µs).
 pub const GCRA_SCRIPT: &str = r#"
 if redis.replicate_commands then redis.replicate_commands() end
 -- let t0 = t0.duration_since(start): one clock for every replica.
 local now = redis.call('TIME')
 local t0 = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local out = {}
+local tats = {}
+local changed = {}
+local n = 0
 for i = 1, #KEYS do
+  local key = KEYS[i]
   local t = tonumber(ARGV[2 * i - 1])
   local tau = tonumber(ARGV[2 * i])
   -- let tat = tat.unwrap_or(t0);
-  local tat = tonumber(redis.call('GET', KEYS[i])) or t0
+  local tat = tats[key]
+  if tat == nil then
+    tat = tonumber(redis.call('GET', key)) or t0
+    tats[key] = tat
+  end
   -- let earliest_time = tat.saturating_sub(tau);
   local earliest_time = tat - tau
   if t0 < earliest_time then
@@ -87,11 +99,21 @@ for i = 1, #KEYS do
   else
     -- let next = cmp::max(tat, t0) + t;
     local next = (tat > t0 and tat or t0) + t
-    -- Once next <= now the key is indistinguishable from a fresh one: expire it then.
-    redis.call('SET', KEYS[i], string.format('%d', next), 'PX', math.ceil((next - t0) / 1000))
+    tats[key] = next
+    if changed[key] == nil then
+      changed[key] = true
+      n = n + 1
+      changed[n] = key
+    end
     -- StateSnapshot::remaining_burst_capacity (next >= t0 + t, so at most tau / t)
     out[i] = math.floor((t0 + tau + t - next) / t)
   end
+end
+for j = 1, n do
+  local key = changed[j]
+  local next = tats[key]
+  -- Once next <= now the key is indistinguishable from a fresh one: expire it then.
+  redis.call('SET', key, string.format('%d', next), 'PX', math.ceil((next - t0) / 1000))
 end
 return out
 "#;
