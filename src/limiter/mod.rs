@@ -212,26 +212,42 @@ impl RateKey {
     /// replaced by `#` and the hex SHA-1 of its bytes, so stored keys stay short
     /// and printable.
     pub fn stable_id(&self) -> Vec<u8> {
-        let (kind, value): (&[u8], std::borrow::Cow<'_, [u8]>) = match &self.0 {
-            Repr::Global => return b"g".to_vec(),
-            Repr::Ip(ip) => (b"ip:", ip.to_string().into_bytes().into()),
-            Repr::Header(value) => (b"h:", value.as_bytes().into()),
-            Repr::Bytes(bytes) => (b"b:", bytes.as_ref().into()),
+        let mut out = Vec::with_capacity(48);
+        self.write_stable_id(&mut out);
+        out
+    }
+
+    /// Appends [`RateKey::stable_id`] to `out` (one allocation fewer, and no
+    /// formatting machinery for IPv4, for callers building a longer key).
+    pub fn write_stable_id(&self, out: &mut Vec<u8>) {
+        let (kind, value): (&[u8], &[u8]) = match &self.0 {
+            Repr::Global => return out.extend_from_slice(b"g"),
+            Repr::Ip(IpAddr::V4(ip)) => {
+                // As `Ipv4Addr`'s Display writes it: dotted decimal.
+                out.extend_from_slice(b"ip:");
+                let mut digits = itoa::Buffer::new();
+                for (i, octet) in ip.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    out.extend_from_slice(digits.format(octet).as_bytes());
+                }
+                return;
+            }
+            Repr::Ip(ip @ IpAddr::V6(_)) => {
+                out.extend_from_slice(b"ip:");
+                return out.extend_from_slice(ip.to_string().as_bytes());
+            }
+            Repr::Header(value) => (b"h:", value.as_bytes()),
+            Repr::Bytes(bytes) => (b"b:", bytes.as_ref()),
         };
-        let mut out = Vec::with_capacity(kind.len() + value.len().min(41));
         out.extend_from_slice(kind);
         if value.len() <= MAX_PLAIN_KEY && value.iter().all(|b| b.is_ascii_graphic()) {
-            out.extend_from_slice(&value);
+            out.extend_from_slice(value);
         } else {
             out.push(b'#');
-            out.extend_from_slice(
-                sha1_smol::Sha1::from(&*value)
-                    .digest()
-                    .to_string()
-                    .as_bytes(),
-            );
+            out.extend_from_slice(sha1_smol::Sha1::from(value).digest().to_string().as_bytes());
         }
-        out
     }
 }
 
@@ -375,6 +391,10 @@ mod tests {
             b"h:k-1"
         );
         assert_eq!(RateKey::global().stable_id(), b"g");
+        for ip in ["0.0.0.0", "10.0.0.255", "255.255.255.255", "1.22.133.4"] {
+            let id = RateKey::ip(ip.parse().unwrap()).stable_id();
+            assert_eq!(id, format!("ip:{ip}").as_bytes(), "as Display writes it");
+        }
         let long = "x".repeat(65);
         let id = RateKey::bytes(long.clone()).stable_id();
         assert_eq!(id.len(), 2 + 1 + 40);

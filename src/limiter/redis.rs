@@ -48,10 +48,6 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// Failed probes after which the connection is replaced (about a second).
 const RECONNECT_AFTER: u32 = 4;
 
-/// How much longer than the Redis timeout a decision may wait for its batch
-/// before giving up on its own (the batch itself gives up at the timeout).
-const BATCH_GRACE: Duration = Duration::from_millis(100);
-
 /// Refusals remembered locally at most (per process); beyond it, refusals
 /// are simply not cached.
 const BLOCKED_CAP: usize = 100_000;
@@ -330,11 +326,10 @@ impl Inner {
     }
 
     fn redis_key(&self, limit: &Limit, key: &RateKey) -> Vec<u8> {
-        let client = key.stable_id();
-        let mut out = Vec::with_capacity(self.prefix.len() + client.len() + limit.name().len() + 3);
+        let mut out = Vec::with_capacity(self.prefix.len() + limit.name().len() + 48);
         out.extend_from_slice(self.prefix.as_bytes());
         out.push(b'{');
-        out.extend_from_slice(&client);
+        key.write_stable_id(&mut out);
         out.extend_from_slice(b"}:");
         out.extend_from_slice(limit.name().as_bytes());
         out
@@ -546,7 +541,7 @@ mod batch {
     use std::task::{Poll, Waker};
     use std::time::Instant;
 
-    use super::{BATCH_GRACE, BackendError, Inner, Params, RedisTarget, is_outage};
+    use super::{BackendError, Inner, Params, RedisTarget, is_outage};
 
     /// Decisions per script call at most.
     const MAX_BATCH: usize = 64;
@@ -577,12 +572,32 @@ mod batch {
         }
     }
 
+    /// One queued decision. It is answered exactly once: by its batch, or,
+    /// should its batch be dropped unanswered (the worker stopping), by its
+    /// own drop, so no waiter needs a timer of its own.
     struct Pending {
         inner: Arc<Inner>,
         slot_of_key: u16,
         key: Vec<u8>,
         params: Params,
-        answer: Rc<Slot>,
+        answer: Option<Rc<Slot>>,
+    }
+
+    impl Pending {
+        fn answer(&mut self, result: Result<Raw, Failure>) {
+            if let Some(slot) = self.answer.take() {
+                slot.fill(result);
+            }
+        }
+    }
+
+    impl Drop for Pending {
+        fn drop(&mut self) {
+            self.answer(Err(Failure {
+                error: BackendError::Unavailable("the decision's batch was dropped".into()),
+                outage: false,
+            }));
+        }
     }
 
     thread_local! {
@@ -591,8 +606,7 @@ mod batch {
     }
 
     /// Queues one decision for this turn's batch and waits for its answer,
-    /// which comes within the backend's timeout (its batch gives up then;
-    /// should the batch never run at all, the wait gives up a little later).
+    /// which comes within the backend's timeout (its batch gives up then).
     pub async fn decide(inner: &Arc<Inner>, key: Vec<u8>, params: Params) -> Result<Raw, Failure> {
         let answer = Rc::new(Slot::default());
         // One Redis: any keys may share a call. Cluster: one slot per call.
@@ -606,7 +620,7 @@ mod batch {
                 slot_of_key,
                 key,
                 params,
-                answer: answer.clone(),
+                answer: Some(answer.clone()),
             })
         });
         if !FLUSH_SCHEDULED.replace(true) {
@@ -615,20 +629,14 @@ mod batch {
             let scheduled = Scheduled;
             actix_web::rt::spawn(flush(scheduled));
         }
-        let wait = std::future::poll_fn(|cx| match answer.answer.take() {
+        std::future::poll_fn(|cx| match answer.answer.take() {
             Some(result) => Poll::Ready(result),
             None => {
                 *answer.waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
             }
-        });
-        let patience = inner.timeout + BATCH_GRACE;
-        actix_web::rt::time::timeout(patience, wait)
-            .await
-            .unwrap_or(Err(Failure {
-                error: BackendError::Timeout(patience),
-                outage: true,
-            }))
+        })
+        .await
     }
 
     /// Clears `FLUSH_SCHEDULED` when the flush task ends, run or not.
@@ -665,7 +673,7 @@ mod batch {
     }
 
     /// One script call for `batch`, answered within the timeout.
-    async fn send(batch: Vec<Pending>) {
+    async fn send(mut batch: Vec<Pending>) {
         let inner = batch[0].inner.clone();
         let Some(mut conn) = inner.connection() else {
             return fail(batch, || Failure {
@@ -686,8 +694,8 @@ mod batch {
         let result = actix_web::rt::time::timeout(inner.timeout, call).await;
         match result {
             Ok(Ok(values)) if values.len() == batch.len() => {
-                for (p, v) in batch.iter().zip(values) {
-                    p.answer.fill(Ok((v, sent_at)));
+                for (p, v) in batch.iter_mut().zip(values) {
+                    p.answer(Ok((v, sent_at)));
                 }
             }
             Ok(Ok(values)) => fail(batch, || Failure {
@@ -713,8 +721,8 @@ mod batch {
     }
 
     fn fail(batch: Vec<Pending>, failure: impl Fn() -> Failure) {
-        for p in batch {
-            p.answer.fill(Err(failure()));
+        for mut p in batch {
+            p.answer(Err(failure()));
         }
     }
 
