@@ -5,6 +5,13 @@ use std::process::ExitCode;
 use floodgate::server::{self, Floodgate, Listeners};
 use floodgate::settings::Settings;
 
+// mimalloc: about 5% fewer instructions per forwarded request than glibc's
+// malloc (callgrind: 20.8k -> 19.7k; refusals 9.3k -> 9.1k), for about 20%
+// more memory per tracked key (1M keys: +42 MiB, glibc +35 MiB). Only the
+// binary sets it; embedders keep their own allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage: floodgate               serve, configured by FLOODGATE_* variables
        floodgate healthcheck   exit 0 if the local floodgate answers /healthz
