@@ -358,37 +358,39 @@ fn scripted_upstream(
     })
 }
 
-#[test]
-fn a_body_delimited_by_connection_close_arrives_whole() {
-    let up = scripted_upstream(
-        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nstreamed until the end",
-        1,
-    );
+/// Status and body a client gets through floodgate when the upstream
+/// answers one request with `answer`.
+fn relayed(answer: &'static [u8]) -> (u16, String) {
+    let up = scripted_upstream(answer, 1);
     let fg = proxy(up.addr()).rate(GENEROUS).run();
     let res = request(fg.addr, "GET", "/", &[], b"");
-    assert_eq!(res.status, 200);
-    assert_eq!(res.text(), "streamed until the end");
+    (res.status, res.text())
+}
+
+#[test]
+fn a_body_delimited_by_connection_close_arrives_whole() {
+    assert_eq!(
+        relayed(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nstreamed until the end"),
+        (200, "streamed until the end".to_owned())
+    );
 }
 
 #[test]
 fn http_1_0_upstreams_work() {
-    let up = scripted_upstream(b"HTTP/1.0 200 OK\r\n\r\nold school", 1);
-    let fg = proxy(up.addr()).rate(GENEROUS).run();
-    let res = request(fg.addr, "GET", "/", &[], b"");
-    assert_eq!(res.status, 200);
-    assert_eq!(res.text(), "old school");
+    assert_eq!(
+        relayed(b"HTTP/1.0 200 OK\r\n\r\nold school"),
+        (200, "old school".to_owned())
+    );
 }
 
 #[test]
 fn interim_answers_are_not_relayed() {
-    let up = scripted_upstream(
-        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
-        1,
+    assert_eq!(
+        relayed(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+        ),
+        (200, "final".to_owned())
     );
-    let fg = proxy(up.addr()).rate(GENEROUS).run();
-    let res = request(fg.addr, "GET", "/", &[], b"");
-    assert_eq!(res.status, 200);
-    assert_eq!(res.text(), "final");
 }
 
 #[test]
