@@ -409,6 +409,17 @@ fn dropped(name: &HeaderName, named: &[HeaderName]) -> bool {
     is_hop_by_hop(name) || name.as_str().contains('_') || named.contains(name)
 }
 
+/// Whether floodgate may drop or rewrite a header called `name` on its way
+/// to the upstream, whoever sends it (see [`write_request_head`]). Such a
+/// header cannot be a rate-limit key: the key and what the upstream sees
+/// could disagree.
+pub(crate) fn rewritten_on_the_way(name: &HeaderName) -> bool {
+    dropped(name, &[])
+        || *name == header::EXPECT
+        || *name == header::X_FORWARDED_FOR
+        || claims_to_forward(name)
+}
+
 /// Whether the request is a WebSocket handshake to pass through, or an error
 /// if it is a malformed one.
 ///
@@ -671,13 +682,12 @@ mod tests {
         }
         let head = head_for(req, false);
         assert!(head.starts_with("GET /p?q=1 HTTP/1.1\r\n"), "{head}");
-        let names: Vec<&str> = head
+        let mut names: Vec<&str> = head
             .lines()
             .skip(1)
             .filter_map(|l| l.split_once(':'))
             .map(|(k, _)| k)
             .collect();
-        let mut names = names;
         names.sort();
         assert_eq!(
             names,

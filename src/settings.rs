@@ -602,20 +602,7 @@ fn parse_key(s: &str) -> Result<KeyKind, String> {
         return Err(ACCEPTED.into());
     };
     let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| ACCEPTED.to_owned())?;
-    // Headers floodgate drops or rewrites on the way would let the key and
-    // what the upstream sees disagree.
-    let rewritten = [
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "forwarded",
-        "x-real-ip",
-        "expect",
-    ];
-    if crate::proxy::is_hop_by_hop(&name)
-        || name.as_str().contains('_')
-        || rewritten.contains(&name.as_str())
-    {
+    if crate::proxy::rewritten_on_the_way(&name) {
         return Err(format!(
             "{name} is dropped or rewritten by floodgate and cannot be a key; {ACCEPTED}"
         ));
