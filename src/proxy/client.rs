@@ -22,6 +22,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -32,7 +33,6 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode, Version};
 use actix_web::rt::net::TcpStream;
-use std::fmt::Write as _;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -57,6 +57,10 @@ const MAX_HEAD: usize = 64 * 1024;
 
 /// Idle time after which a pooled connection is checked before reuse.
 const VERIFY_AFTER_IDLE: Duration = Duration::from_millis(250);
+
+/// Largest first body chunk copied into the head's write rather than
+/// written on its own.
+const COALESCE_MAX: usize = 16 * 1024;
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
@@ -333,12 +337,14 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends the buffered head, then exactly `len` body bytes from `stream`.
+    /// Sends the buffered head and exactly `len` body bytes from `stream`; a
+    /// small first chunk goes out in the same write as the head (as in
+    /// [`send_chunked`](Self::send_chunked)), so a small upload costs the
+    /// upstream one segment, not two.
     async fn send_sized<S>(&mut self, len: u64, mut stream: S) -> Result<(), ExchangeError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
     {
-        self.send_buffered().await?;
         let mut left = len;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(ExchangeError::Body)?;
@@ -347,17 +353,25 @@ impl Conn {
                     "more body than its Content-Length".into(),
                 ))
             })?;
-            self.io
-                .write_all(&chunk)
-                .await
-                .map_err(ExchangeError::Send)?;
+            if !self.write.is_empty() && chunk.len() <= COALESCE_MAX {
+                // The head is still buffered: one write for both.
+                self.write.extend_from_slice(&chunk);
+                self.send_buffered().await?;
+            } else {
+                self.send_buffered().await?;
+                self.io
+                    .write_all(&chunk)
+                    .await
+                    .map_err(ExchangeError::Send)?;
+            }
         }
         if left > 0 {
             return Err(ExchangeError::Body(BodyError::Client(
                 "less body than its Content-Length".into(),
             )));
         }
-        Ok(())
+        // The head, if the body was empty.
+        self.send_buffered().await
     }
 
     /// Sends the buffered head, then `stream` in chunked framing, one write
@@ -478,7 +492,11 @@ fn parse_head(
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_coded = false;
+    let mut spans: SmallVec<[(usize, usize, usize, usize); 16]> = SmallVec::new();
     for h in response.headers.iter() {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        spans.push((n, n + h.name.len(), v, v + h.value.len()));
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"connection") {
             for token in crate::headers::tokens(h.value) {
@@ -510,15 +528,6 @@ fn parse_head(
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         }
     }
-    let spans: SmallVec<[(usize, usize, usize, usize); 16]> = response
-        .headers
-        .iter()
-        .map(|h| {
-            let n = h.name.as_ptr() as usize - base;
-            let v = h.value.as_ptr() as usize - base;
-            (n, n + h.name.len(), v, v + h.value.len())
-        })
-        .collect();
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let head = buf.split_to(len).freeze();
     headers.clear();
