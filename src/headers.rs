@@ -22,18 +22,26 @@ use bytes::{Bytes, BytesMut};
 
 use crate::limiter::{Decision, Limit};
 
+/// `RateLimit-Policy`: the limit itself (draft-ietf-httpapi-ratelimit-headers).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit`: what the key has left and when it is back in full.
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// `X-RateLimit-Limit` (legacy style): the rate's count.
 pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// `X-RateLimit-Remaining` (legacy style): requests the key has left.
 pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// `X-RateLimit-Reset` (legacy style): seconds until the quota is back in full.
 pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// Which rate-limit headers responses carry (`FLOODGATE_HEADERS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HeaderStyle {
+    /// `RateLimit-Policy` and `RateLimit` (`ietf`, the default).
     #[default]
     Ietf,
+    /// `X-RateLimit-Limit`, `-Remaining` and `-Reset` (`legacy`).
     Legacy,
+    /// No rate-limit headers; a 429 still carries `Retry-After` (`none`).
     None,
 }
 
@@ -61,6 +69,7 @@ pub struct LimitHeaders {
 }
 
 impl LimitHeaders {
+    /// The headers of `style` for `limit`; builds the constant parts once.
     pub fn new(style: HeaderStyle, limit: &Limit) -> Self {
         let name = sf_string(limit.name());
         let count = limit.rate().count();

@@ -10,8 +10,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Metric names, one constant each.
 pub mod names {
+    /// Client requests by rate-limit decision.
     pub const REQUESTS: &str = "floodgate_requests_total";
+    /// Requests the upstream did not answer, by kind.
     pub const UPSTREAM_ERRORS: &str = "floodgate_upstream_errors_total";
+    /// Rate-limit checks the backend could not answer.
     pub const BACKEND_ERRORS: &str = "floodgate_backend_errors_total";
 }
 
@@ -43,11 +46,13 @@ thread_local! {
 }
 
 impl Counter {
+    /// Adds one, on this thread's slot.
     pub fn inc(&self) {
         let slot = SLOT.with(Cell::get);
         self.slots[slot].0.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The total over every slot (a scrape; not for the request path).
     pub fn get(&self) -> u64 {
         self.slots.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
     }
@@ -56,14 +61,18 @@ impl Counter {
 /// Every counter floodgate keeps.
 #[derive(Default)]
 pub struct Metrics {
+    /// Requests the limiter let through.
     pub allowed: Counter,
+    /// Requests answered 429.
     pub limited: Counter,
     /// Requests refused before any limit was checked (bad key: 400).
     pub rejected: Counter,
     /// Requests let through because the backend failed under an `open` or
     /// `local` policy, or refused under `closed`.
     pub backend_errors: Counter,
+    /// Requests answered 502: the upstream could not be reached or failed.
     pub upstream_connect_errors: Counter,
+    /// Requests answered 504: the upstream did not answer in time.
     pub upstream_timeouts: Counter,
 }
 

@@ -17,16 +17,23 @@ pub struct Rate {
 pub const RATE_SYNTAX: &str = "<n>/<period> with n >= 1 and period s|sec|second, m|min|minute, \
                                h|hour or d|day, optionally with a count (e.g. 10/min, 100/s, 100/10s, 5/15min)";
 
+/// Why a rate (`10/min`) was refused; each message says what is accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RateError {
+    /// Not `<n>/<period>` at all.
     #[error("expected {RATE_SYNTAX}")]
     Syntax,
+    /// The count before `/` is not a number from 1 to `u32::MAX`.
     #[error("the count must be a whole number from 1 to {}", u32::MAX)]
     Count,
     #[error("unknown period unit {0:?}; expected s|sec|second, m|min|minute, h|hour or d|day")]
+    /// The period's unit is none of the accepted ones.
     Unit(String),
+    /// The period's own count (`10s`) is not a whole number of at least 1.
     #[error("the period count must be a whole number of at least 1")]
     PeriodCount,
+    /// Faster than one request per microsecond, the resolution both
+    /// backends keep time in.
     #[error("at most 1000000 per second (one per microsecond)")]
     TooFast,
 }
@@ -57,10 +64,12 @@ impl Rate {
         }
     }
 
+    /// Requests allowed per [`period`](Self::period).
     pub fn count(&self) -> NonZeroU32 {
         self.count
     }
 
+    /// The window the [`count`](Self::count) is spread over.
     pub fn period(&self) -> Duration {
         self.period
     }
