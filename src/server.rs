@@ -104,6 +104,7 @@ impl Floodgate {
             .with_context(|| format!("FLOODGATE_UPSTREAM={}", settings.upstream))?
             .timeout(settings.upstream_timeout)
             .client_timeout(settings.client_timeout)
+            .websocket_idle_timeout(settings.websocket_idle_timeout)
             .host_header(settings.host_header)
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
