@@ -429,3 +429,37 @@ fn bytes_one_way_alone_keep_a_tunnel_open() {
         .expect("the tunnel is still open while the upstream talks alone");
     assert!(got.ends_with(b"done"), "{got:?}");
 }
+
+#[test]
+fn a_tunnel_whose_upstream_stops_reading_falls_idle_and_is_closed() {
+    let (release, held) = mpsc::channel::<()>();
+    let held = std::sync::Mutex::new(held);
+    let up = raw_upstream(move |stream| {
+        let mut reader = BufReader::new(&stream);
+        let _ = read_head(&mut reader);
+        let _ = (&stream).write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: x\r\n\r\n",
+        );
+        // Neither reads nor writes again until the test ends.
+        let _ = held.lock().unwrap().recv_timeout(patience() * 2);
+    });
+    let fg = idle_proxy(up.addr());
+    let (mut client, res) = handshake(fg.addr, "/deaf");
+    assert_eq!(res.status, 101, "{res:?}");
+    let mut writer = client.stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 * 1024];
+        // Blocks once every buffer on the way is full, fails once the
+        // tunnel is closed.
+        while writer.write_all(&chunk).is_ok() {}
+    });
+    let mut rest = Vec::new();
+    match client.reader.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the tunnel stayed open while the upstream read nothing: {e}"),
+    }
+    writing.join().unwrap();
+    drop(release);
+}

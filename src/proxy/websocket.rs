@@ -5,12 +5,13 @@
 //! sent.
 //!
 //! A tunnel lasts as long as bytes flow in either direction: one that carries
-//! none either way for the idle timeout is closed on both sides (nginx's
-//! `proxy_read_timeout` on an upgraded connection counts one direction only,
-//! so a chat client that only listens would be cut; this one never cuts an
-//! active tunnel). A client that stops reading what the upstream sends is the
+//! none either way for the idle timeout is closed on both sides. (nginx
+//! closes an upgraded connection once the upstream has sent nothing for
+//! `proxy_read_timeout`, however much the client sends; this never cuts an
+//! active tunnel.) A client that stops reading what the upstream sends is the
 //! send timeout's business (see `server::client_on_connect`), as for any
-//! response.
+//! response; an upstream that stops reading stops the client's bytes too, so
+//! the tunnel falls idle and is closed.
 
 use std::cell::Cell;
 use std::io;
