@@ -162,8 +162,27 @@ impl Listeners {
     }
 }
 
+/// Connections the kernel completes and holds until floodgate accepts them
+/// (the `listen(2)` backlog): actix-web's own default. `TcpListener::bind`
+/// gives 128, and once every worker is at its `max_connections` share the
+/// 130th waiting client would have its handshake dropped and retried (after
+/// 1 s, 3 s, …) instead of waiting in line. Linux caps it at
+/// `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: i32 = 1024;
+
 fn bind_one(var: &str, addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).map_err(|e| format!("{var}={addr}: cannot listen: {e}"))
+    listen_on(addr).map_err(|e| format!("{var}={addr}: cannot listen: {e}"))
+}
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // As `TcpListener::bind` does: a restart binds while the last run's
+    // connections linger in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 // === connection bounds ===

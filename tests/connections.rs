@@ -366,3 +366,41 @@ fn connections_past_the_cap_wait_until_one_closes() {
     assert_eq!(keep_alive_get(&c, &mut c_reader).unwrap(), 200);
     assert_eq!(up.requests(), 5);
 }
+
+#[test]
+fn hundreds_of_connections_past_the_cap_wait_in_line_and_are_all_served() {
+    const WAITING: usize = 300;
+    let up = upstream().run();
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_MAX_CONNECTIONS", "2")
+        .run();
+    let (a, mut a_reader) = connect(fg.addr);
+    assert_eq!(keep_alive_get(&a, &mut a_reader).unwrap(), 200);
+    let (b, mut b_reader) = connect(fg.addr);
+    assert_eq!(keep_alive_get(&b, &mut b_reader).unwrap(), 200);
+
+    // Each handshake completes at once: the listen queue has room for them
+    // all (a full queue drops the handshake, which the client retries only
+    // after a second).
+    let waiting: Vec<TcpStream> = (0..WAITING)
+        .map(|i| {
+            let stream = TcpStream::connect_timeout(&fg.addr, Duration::from_millis(500))
+                .unwrap_or_else(|e| panic!("connection {i} past the cap: {e}"));
+            stream.set_read_timeout(Some(patience())).unwrap();
+            (&stream)
+                .write_all(b"GET / HTTP/1.1\r\nHost: floodgate.test\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            stream
+        })
+        .collect();
+    assert_eq!(up.requests(), 2, "none of them is served yet");
+
+    drop((a, a_reader, b, b_reader));
+    for (i, stream) in waiting.into_iter().enumerate() {
+        let res = read_response(&mut BufReader::new(stream), false)
+            .unwrap_or_else(|e| panic!("waiting connection {i}: {e}"));
+        assert_eq!(res.status, 200, "waiting connection {i}");
+    }
+    assert_eq!(up.requests(), 2 + WAITING);
+}
