@@ -1,4 +1,5 @@
-//! The floodgate binary: logging, settings, bind, serve. Nothing else.
+//! The floodgate binary: logging, settings, bind, open-file limit, serve.
+//! Nothing else.
 
 use std::process::ExitCode;
 
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
         Ok(listeners) => listeners,
         Err(problems) => return fail(&problems),
     };
+    server::raise_open_file_limit(&settings);
     let summary = settings.summary();
     let floodgate = match Floodgate::new(settings) {
         Ok(floodgate) => floodgate,

@@ -49,6 +49,9 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default for `FLOODGATE_CLIENT_TIMEOUT`, nginx's `client_body_timeout`.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Default for `FLOODGATE_WEBSOCKET_IDLE_TIMEOUT`.
+pub const DEFAULT_WEBSOCKET_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Which `Host` the upstream sees (`FLOODGATE_HOST_HEADER`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HostHeader {
@@ -67,6 +70,7 @@ pub struct Upstream {
     authority: Authority,
     timeout: Duration,
     client_timeout: Duration,
+    websocket_idle_timeout: Duration,
     host_header: HostHeader,
     trusted: ClientIp,
     metrics: Arc<Metrics>,
@@ -109,6 +113,7 @@ impl Upstream {
             authority,
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
+            websocket_idle_timeout: DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
             host_header: HostHeader::Client,
             trusted: ClientIp::new(),
             metrics: Arc::default(),
@@ -122,6 +127,13 @@ impl Upstream {
 
     pub fn client_timeout(mut self, timeout: Duration) -> Self {
         self.client_timeout = timeout;
+        self
+    }
+
+    /// How long an upgraded (WebSocket) tunnel may carry no byte in either
+    /// direction before both sides are closed.
+    pub fn websocket_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.websocket_idle_timeout = timeout;
         self
     }
 
@@ -264,7 +276,13 @@ pub async fn forward(
         .map_err(|e| upstream.count(exchange_error(e, timeout)))?;
     match tunnel {
         Some(payload) if websocket && answer.status == StatusCode::SWITCHING_PROTOCOLS => {
-            websocket::join(&req, payload.into_inner(), res, answer)
+            websocket::join(
+                &req,
+                payload.into_inner(),
+                res,
+                answer,
+                upstream.websocket_idle_timeout,
+            )
         }
         _ => Ok(respond(res, answer)),
     }

@@ -3,13 +3,17 @@
 //! Clients are served on `listen`; `/healthz`, `/readyz` and `/metrics` on
 //! `admin_listen`, a separate server, so client traffic can never reach them.
 //! The backend is built once, here, and shared by every worker.
+//!
+//! Every client connection is bounded here in number (`max_connections`) and
+//! in the time a write toward it may stall (`send_timeout`); see
+//! [`client_on_connect`] and [`per_worker`].
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use actix_web::dev::{Server, ServerHandle};
+use actix_web::dev::{Extensions, Server, ServerHandle};
 use actix_web::http::KeepAlive;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
@@ -100,6 +104,7 @@ impl Floodgate {
             .with_context(|| format!("FLOODGATE_UPSTREAM={}", settings.upstream))?
             .timeout(settings.upstream_timeout)
             .client_timeout(settings.client_timeout)
+            .websocket_idle_timeout(settings.websocket_idle_timeout)
             .host_header(settings.host_header)
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
@@ -157,8 +162,138 @@ impl Listeners {
     }
 }
 
+/// Connections the kernel completes and holds until floodgate accepts them
+/// (the `listen(2)` backlog): actix-web's own default. `TcpListener::bind`
+/// gives 128, and once every worker is at its `max_connections` share the
+/// 130th waiting client would have its handshake dropped and retried (after
+/// 1 s, 3 s, …) instead of waiting in line. Linux caps it at
+/// `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: i32 = 1024;
+
 fn bind_one(var: &str, addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).map_err(|e| format!("{var}={addr}: cannot listen: {e}"))
+    listen_on(addr).map_err(|e| format!("{var}={addr}: cannot listen: {e}"))
+}
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // As `TcpListener::bind` does: a restart binds while the last run's
+    // connections linger in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+// === connection bounds ===
+
+/// Each worker's share of `max_connections` (`HttpServer::max_connections`
+/// counts per worker): rounded down, so the process never holds more than
+/// `max_connections`, but at least one, so every worker serves.
+pub fn per_worker(max_connections: usize, workers: usize) -> usize {
+    (max_connections / workers.max(1)).max(1)
+}
+
+/// The client listener's `on_connect`: [`proxy::on_connect`]'s per-connection
+/// peer, plus `send_timeout` as the socket's `TCP_USER_TIMEOUT`.
+///
+/// With it the kernel drops the connection when bytes it has for the client
+/// stay unacknowledged for `send_timeout`, or stay unsent because the client
+/// keeps its receive window at zero (it stopped reading) that long: Linux
+/// counts the time its zero-window probes go unanswered by an open window
+/// (tests/connections.rs checks this; older kernels differed). Any write floodgate
+/// is waiting on then fails: actix-http drops the response body, and with it
+/// the upstream connection mid-answer, which is closed, never pooled; a
+/// WebSocket tunnel ends both ways. This is nginx's `send_timeout` ("between
+/// two successive write operations, not for the transmission of the whole
+/// response"), measured on acknowledged progress rather than on writes into
+/// floodgate's own buffers, and with no timer per write. Go's
+/// `http.Server.WriteTimeout` is different: one deadline for the whole
+/// response, which would cut long downloads and tunnels.
+pub fn client_on_connect(
+    upstream: &Upstream,
+    send_timeout: Duration,
+) -> impl Fn(&dyn std::any::Any, &mut Extensions) + Send + Sync + 'static {
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    log::warn!(
+        "FLOODGATE_SEND_TIMEOUT is not enforced on this system (no TCP_USER_TIMEOUT): \
+         a client that stops reading holds its connection until the kernel gives up"
+    );
+    let peer = proxy::on_connect(upstream);
+    move |conn, extensions| {
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>()
+            && let Err(err) = set_send_timeout(tcp, send_timeout)
+        {
+            log::debug!("cannot set the send timeout on a client connection: {err}");
+        }
+        peer(conn, extensions);
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_send_timeout(tcp: &actix_web::rt::net::TcpStream, timeout: Duration) -> std::io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout))
+}
+
+// TODO: elsewhere there is no TCP_USER_TIMEOUT; a client that stops reading
+// is then not bounded (`client_on_connect` warns once at startup).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn set_send_timeout(
+    _tcp: &actix_web::rt::net::TcpStream,
+    _timeout: Duration,
+) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Open files a process needs for `max_connections`: a client and an
+/// upstream connection each, plus a reserve for pooled upstream connections
+/// (up to 256 per worker), listeners, Redis and the runtime.
+fn files_needed(max_connections: usize, workers: usize) -> u64 {
+    (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256 * workers as u64 + 64)
+}
+
+/// For the binary: raises the open-file soft limit to the hard limit, as
+/// nginx's `worker_rlimit_nofile` and Go's runtime do (the soft limit is
+/// often 1024, which a proxy reaches at about 500 clients), and logs the
+/// result once. A failure is a warning; so is a limit too low for
+/// `max_connections` (nginx warns the same way): floodgate still serves, and
+/// past the limit new connections wait until files are free. Embedders own
+/// their process's limits and do not call this.
+pub fn raise_open_file_limit(settings: &Settings) {
+    use rlimit::Resource;
+    let soft = match Resource::NOFILE.get() {
+        Ok((soft, hard)) if soft >= hard => {
+            log::info!("open files: soft limit {soft} is already the hard limit {hard}");
+            soft
+        }
+        Ok((soft, hard)) => match Resource::NOFILE.set(hard, hard) {
+            Ok(()) => {
+                log::info!("open files: soft limit raised from {soft} to the hard limit {hard}");
+                hard
+            }
+            Err(err) => {
+                log::warn!(
+                    "open files: cannot raise the soft limit {soft} to the hard limit {hard}: {err}"
+                );
+                soft
+            }
+        },
+        Err(err) => {
+            log::warn!("open files: cannot read the limit: {err}");
+            return;
+        }
+    };
+    let needed = files_needed(settings.max_connections, settings.workers);
+    if soft < needed {
+        log::warn!(
+            "FLOODGATE_MAX_CONNECTIONS={} needs about {needed} open files but the limit is {soft}: \
+             past it connections wait or fail (502); raise the hard limit (ulimit -Hn, \
+             LimitNOFILE=, docker --ulimit nofile=) or lower FLOODGATE_MAX_CONNECTIONS",
+            settings.max_connections
+        );
+    }
 }
 
 /// The running servers.
@@ -190,8 +325,12 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
             .wrap(rate_limit.clone())
             .configure(proxy::configure(upstream.clone()))
     })
-    .on_connect(proxy::on_connect(&floodgate.upstream))
+    .on_connect(client_on_connect(
+        &floodgate.upstream,
+        settings.send_timeout,
+    ))
     .workers(settings.workers)
+    .max_connections(per_worker(settings.max_connections, settings.workers))
     .tcp_nodelay(true)
     .keep_alive(KeepAlive::Timeout(KEEP_ALIVE))
     .client_request_timeout(settings.client_timeout)
@@ -350,4 +489,22 @@ pub fn admin_probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         .and_then(|h| h.get(2..5))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_connections_is_split_across_workers_rounding_down() {
+        assert_eq!(per_worker(10_000, 4), 2_500);
+        assert_eq!(per_worker(10, 4), 2, "8 in all: never more than asked");
+        assert_eq!(per_worker(3, 4), 1, "every worker serves at least one");
+        assert_eq!(per_worker(5, 1), 5);
+    }
+
+    #[test]
+    fn each_connection_counts_twice_against_open_files() {
+        assert_eq!(files_needed(10_000, 2), 20_000 + 512 + 64);
+    }
 }

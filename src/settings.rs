@@ -33,6 +33,11 @@ pub const ENV_PREFIX: &str = "FLOODGATE_";
 /// Names a settings file; not itself a setting.
 pub const CONFIG_VAR: &str = "FLOODGATE_CONFIG";
 
+/// Largest `max_connections` accepted: more than one process can have
+/// sockets open under any open-file limit Linux allows (`fs.nr_open` is at
+/// most 2^30).
+pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 30;
+
 /// Every settings key.
 pub const KEYS: &[&str] = &[
     "listen",
@@ -56,6 +61,9 @@ pub const KEYS: &[&str] = &[
     "admin_listen",
     "workers",
     "shutdown_timeout",
+    "send_timeout",
+    "websocket_idle_timeout",
+    "max_connections",
 ];
 
 /// Every environment variable floodgate reads.
@@ -131,6 +139,12 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     pub workers: usize,
     pub shutdown_timeout: Duration,
+    /// Longest a write toward a client may make no progress.
+    pub send_timeout: Duration,
+    /// Longest an upgraded tunnel may carry no byte either way.
+    pub websocket_idle_timeout: Duration,
+    /// Open client connections per process at most.
+    pub max_connections: usize,
     /// The settings file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -504,6 +518,14 @@ impl<'a> Raw<'a> {
             }),
         };
         let shutdown_timeout = self.required("shutdown_timeout", parse_duration);
+        let send_timeout = self.required("send_timeout", parse_duration);
+        let websocket_idle_timeout = self.required("websocket_idle_timeout", parse_duration);
+        let max_connections = self.required("max_connections", |s| match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_CONNECTIONS_LIMIT).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "expected a whole number from 1 to {MAX_CONNECTIONS_LIMIT}"
+            )),
+        });
 
         Some(Settings {
             listen: listen?,
@@ -529,6 +551,9 @@ impl<'a> Raw<'a> {
             admin_listen: admin_listen?,
             workers: workers?,
             shutdown_timeout: shutdown_timeout?,
+            send_timeout: send_timeout?,
+            websocket_idle_timeout: websocket_idle_timeout?,
+            max_connections: max_connections?,
             config_file,
         })
     }
@@ -680,6 +705,9 @@ mod tests {
         assert_eq!(s.upstream_timeout, Duration::from_secs(30));
         assert_eq!(s.client_timeout, Duration::from_secs(60));
         assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(s.send_timeout, Duration::from_secs(30));
+        assert_eq!(s.websocket_idle_timeout, Duration::from_secs(600));
+        assert_eq!(s.max_connections, 10_000);
         assert!(s.workers >= 1);
         assert_eq!(s.host_header, HostHeader::Client);
     }
@@ -881,6 +909,37 @@ mod tests {
         for header in ["connection", "x-forwarded-for", "forwarded", "x_api_key"] {
             let err = load(&[("FLOODGATE_KEY", &format!("header:{header}"))]).unwrap_err();
             assert!(err.to_string().contains("dropped or rewritten"), "{err}");
+        }
+    }
+
+    #[test]
+    fn connection_bounds_are_parsed_and_bad_ones_named() {
+        let s = load(&[
+            ("FLOODGATE_SEND_TIMEOUT", "5s"),
+            ("FLOODGATE_WEBSOCKET_IDLE_TIMEOUT", "1h"),
+            ("FLOODGATE_MAX_CONNECTIONS", "64"),
+        ])
+        .unwrap();
+        assert_eq!(s.send_timeout, Duration::from_secs(5));
+        assert_eq!(s.websocket_idle_timeout, Duration::from_secs(3600));
+        assert_eq!(s.max_connections, 64);
+
+        let err = load(&[
+            ("FLOODGATE_SEND_TIMEOUT", "0s"),
+            ("FLOODGATE_WEBSOCKET_IDLE_TIMEOUT", "forever"),
+            ("FLOODGATE_MAX_CONNECTIONS", "0"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
+        for needle in [
+            "FLOODGATE_SEND_TIMEOUT=\"0s\": expected a positive duration",
+            "FLOODGATE_WEBSOCKET_IDLE_TIMEOUT=\"forever\": expected a positive duration",
+            "FLOODGATE_MAX_CONNECTIONS=\"0\": expected a whole number from 1 to 1073741824",
+        ] {
+            assert!(
+                err.problems.iter().any(|l| l.contains(needle)),
+                "no {needle:?} in\n{err}"
+            );
         }
     }
 }

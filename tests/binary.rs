@@ -445,3 +445,115 @@ fn a_redis_password_never_reaches_stderr() {
         );
     }
 }
+
+// === open-file limit ===
+
+/// The binary started by `sh` after `ulimit {ulimit}` (so the limits apply
+/// to it alone), with `env`, once `/healthz` answers.
+fn start_under_ulimit(ulimit: &str, env: &[(&str, &str)]) -> Binary {
+    let (listen, admin) = (free_addr(), free_addr());
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(format!("ulimit {ulimit} && exec \"$0\""))
+        .arg(env!("CARGO_BIN_EXE_floodgate"))
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .env("FLOODGATE_LISTEN", listen.to_string())
+        .env("FLOODGATE_ADMIN_LISTEN", admin.to_string())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawning sh");
+    let mut fg = Binary {
+        child,
+        addr: listen,
+        admin,
+    };
+    let serving = eventually("floodgate to exit or serve", || {
+        match fg.child.try_wait().unwrap() {
+            Some(_) => Some(false),
+            None => (admin_probe(admin, "/healthz").ok() == Some(200)).then_some(true),
+        }
+    });
+    assert!(serving, "floodgate exited:\n{}", fg.stderr());
+    fg
+}
+
+/// (soft, hard) `Max open files` of a process.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[test]
+fn the_open_file_soft_limit_is_raised_to_the_hard_limit_and_logged_once() {
+    let up = upstream().run();
+    let (_, hard) = open_file_limits(std::process::id());
+    assert!(
+        hard > 256,
+        "this test needs a hard limit above 256, not {hard}"
+    );
+    let mut fg = start_under_ulimit(
+        "-S -n 256",
+        &[
+            ("FLOODGATE_UPSTREAM", &format!("http://{}", up.addr())),
+            ("FLOODGATE_MAX_CONNECTIONS", "16"),
+        ],
+    );
+    assert_eq!(
+        open_file_limits(fg.pid()),
+        (hard, hard),
+        "the soft limit is the hard limit"
+    );
+    assert_eq!(get(fg.addr, "/").status, 200, "floodgate serves");
+    let stderr = fg.stderr();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("open files"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(&format!(
+            "soft limit raised from 256 to the hard limit {hard}"
+        )),
+        "{stderr}"
+    );
+    assert!(lines[0].contains("INFO"), "{stderr}");
+    assert!(!stderr.contains("WARN"), "{stderr}");
+}
+
+#[test]
+fn too_low_an_open_file_limit_for_max_connections_is_a_warning() {
+    let up = upstream().run();
+    let mut fg = start_under_ulimit(
+        "-n 300",
+        &[
+            ("FLOODGATE_UPSTREAM", &format!("http://{}", up.addr())),
+            ("FLOODGATE_MAX_CONNECTIONS", "1000"),
+            ("FLOODGATE_WORKERS", "2"),
+        ],
+    );
+    assert_eq!(get(fg.addr, "/").status, 200, "floodgate serves anyway");
+    let stderr = fg.stderr();
+    assert!(
+        stderr.contains("open files: soft limit 300 is already the hard limit 300"),
+        "{stderr}"
+    );
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("FLOODGATE_MAX_CONNECTIONS=1000"))
+        .unwrap_or_else(|| panic!("no warning naming the setting:\n{stderr}"));
+    assert!(
+        warning.contains("needs about 2576 open files but the limit is 300"),
+        "{warning}"
+    );
+}

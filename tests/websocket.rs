@@ -8,7 +8,7 @@ mod support;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::client::read_response;
 use support::upstream::{RawUpstream, read_head};
@@ -309,4 +309,157 @@ fn an_upgrade_counts_as_one_request_against_the_limit() {
         1,
         "limited requests never reach the upstream"
     );
+}
+
+// === idle timeout ===
+
+const IDLE: Duration = Duration::from_secs(1);
+
+/// floodgate whose tunnels close after [`IDLE`] without a byte either way.
+fn idle_proxy(upstream: SocketAddr) -> support::Proxy {
+    proxy(upstream)
+        .rate(GENEROUS)
+        .env("FLOODGATE_WEBSOCKET_IDLE_TIMEOUT", "1s")
+        .run()
+}
+
+/// More than the idle timeout, in steps well inside it.
+const STEPS: u32 = 15;
+const STEP: Duration = Duration::from_millis(200);
+
+#[test]
+fn an_idle_tunnel_is_closed_on_both_sides() {
+    let (up, seen) = echo_upstream();
+    let fg = idle_proxy(up.addr());
+    let (mut client, res) = handshake(fg.addr, "/idle");
+    assert_eq!(res.status, 101, "{res:?}");
+    assert!(matches!(next_seen(&seen), Seen::Head(_)));
+    client.round_trip(b"one message, then silence");
+    let last_byte = Instant::now();
+
+    let mut rest = Vec::new();
+    client
+        .reader
+        .read_to_end(&mut rest)
+        .expect("the client sees the tunnel end (EOF), not a read timeout");
+    let after = last_byte.elapsed();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        after >= IDLE,
+        "closed after {after:?}, before the idle timeout"
+    );
+    assert!(
+        matches!(next_seen(&seen), Seen::Closed),
+        "the upstream sees the tunnel closed"
+    );
+}
+
+#[test]
+fn a_tunnel_exchanging_messages_outlives_the_idle_timeout() {
+    let (up, seen) = echo_upstream();
+    let fg = idle_proxy(up.addr());
+    let (mut client, res) = handshake(fg.addr, "/busy");
+    assert_eq!(res.status, 101, "{res:?}");
+    let opened = Instant::now();
+    for i in 0..STEPS {
+        std::thread::sleep(STEP);
+        client.round_trip(format!("message {i}").as_bytes());
+    }
+    assert!(opened.elapsed() > IDLE * 2);
+    client.close();
+    assert!(matches!(next_seen(&seen), Seen::Head(_)));
+    assert!(matches!(next_seen(&seen), Seen::Closed));
+}
+
+/// Bytes in one direction alone keep a tunnel open.
+#[test]
+fn bytes_one_way_alone_keep_a_tunnel_open() {
+    let accept =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Accept: x\r\n\r\n";
+    // Client to upstream only: the upstream says nothing until it has every
+    // byte, then answers once.
+    let listener = raw_upstream(move |stream| {
+        stream.set_read_timeout(Some(patience())).unwrap();
+        let mut reader = BufReader::new(&stream);
+        let _ = read_head(&mut reader);
+        let _ = (&stream).write_all(accept);
+        let mut got = vec![0; STEPS as usize];
+        if reader.read_exact(&mut got).is_ok() {
+            let _ = (&stream).write_all(b"heard you");
+        }
+    });
+    let fg = idle_proxy(listener.addr());
+    let (mut client, res) = handshake(fg.addr, "/talk");
+    assert_eq!(res.status, 101, "{res:?}");
+    for _ in 0..STEPS {
+        std::thread::sleep(STEP);
+        client
+            .stream
+            .write_all(b".")
+            .expect("the tunnel is still open while the client talks alone");
+    }
+    let mut answer = [0; 9];
+    client
+        .reader
+        .read_exact(&mut answer)
+        .expect("the tunnel is still open after the client talked alone");
+    assert_eq!(&answer, b"heard you");
+
+    // Upstream to client only: the client never writes.
+    let talker = raw_upstream(move |stream| {
+        let mut reader = BufReader::new(&stream);
+        let _ = read_head(&mut reader);
+        let _ = (&stream).write_all(accept);
+        for _ in 0..STEPS {
+            std::thread::sleep(STEP);
+            if (&stream).write_all(b".").is_err() {
+                return;
+            }
+        }
+        let _ = (&stream).write_all(b"done");
+    });
+    let fg = idle_proxy(talker.addr());
+    let (mut client, res) = handshake(fg.addr, "/listen");
+    assert_eq!(res.status, 101, "{res:?}");
+    let mut got = vec![0; STEPS as usize + 4];
+    client
+        .reader
+        .read_exact(&mut got)
+        .expect("the tunnel is still open while the upstream talks alone");
+    assert!(got.ends_with(b"done"), "{got:?}");
+}
+
+#[test]
+fn a_tunnel_whose_upstream_stops_reading_falls_idle_and_is_closed() {
+    let (release, held) = mpsc::channel::<()>();
+    let held = std::sync::Mutex::new(held);
+    let up = raw_upstream(move |stream| {
+        let mut reader = BufReader::new(&stream);
+        let _ = read_head(&mut reader);
+        let _ = (&stream).write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: x\r\n\r\n",
+        );
+        // Neither reads nor writes again until the test ends.
+        let _ = held.lock().unwrap().recv_timeout(patience() * 2);
+    });
+    let fg = idle_proxy(up.addr());
+    let (mut client, res) = handshake(fg.addr, "/deaf");
+    assert_eq!(res.status, 101, "{res:?}");
+    let mut writer = client.stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 * 1024];
+        // Blocks once every buffer on the way is full, fails once the
+        // tunnel is closed.
+        while writer.write_all(&chunk).is_ok() {}
+    });
+    let mut rest = Vec::new();
+    match client.reader.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the tunnel stayed open while the upstream read nothing: {e}"),
+    }
+    writing.join().unwrap();
+    drop(release);
 }
