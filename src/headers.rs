@@ -288,3 +288,6 @@ mod tests {
         assert_eq!("draft".parse::<HeaderStyle>(), Err(()));
     }
 }
+
+#[cfg(test)]
+mod proptests;
