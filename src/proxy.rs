@@ -720,3 +720,6 @@ mod tests {
         assert!(!head.contains("te:"), "{head}");
     }
 }
+
+#[cfg(test)]
+mod proptests;
