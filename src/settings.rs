@@ -884,3 +884,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;

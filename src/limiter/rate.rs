@@ -206,3 +206,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;
