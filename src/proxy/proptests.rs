@@ -205,17 +205,21 @@ proptest! {
         }
     }
 
-    /// `Content-Length` never panics; a number is read as that number and
-    /// text that is not one is the client's error.
+    /// `Content-Length` never panics; digits are read as their number and
+    /// text that is not a number is the client's error. (A sign, as in
+    /// `+5`, is accepted today; actix-http refuses such a request before it
+    /// gets here.)
     #[test]
     fn content_length_reads_numbers_only(
-        value in prop_oneof!["[0-9]{1,25}", "[ -~]{0,12}"],
+        value in prop_oneof!["[0-9]{1,25}", "[+-]?[0-9]{1,3}", "[ -~]{0,12}"],
         pad in "[ \t]{0,2}",
     ) {
         let req = request(&[("Content-Length".into(), format!("{pad}{value}{pad}"))], "192.0.2.9:1");
         let got = content_length(req.headers());
+        let digits = !value.trim().is_empty() && value.trim().bytes().all(|b| b.is_ascii_digit());
         match value.trim().parse::<u64>() {
-            Ok(n) => prop_assert_eq!(got.ok(), Some(Some(n))),
+            Ok(n) if digits => prop_assert_eq!(got.ok(), Some(Some(n))),
+            Ok(_) => {}
             Err(_) => prop_assert!(got.is_err(), "{:?} accepted", value),
         }
     }
