@@ -4,7 +4,8 @@
 //! the upstream) or harmless: the upstream sees exactly the requests the
 //! client got answers for, each framed one way only, with the body floodgate
 //! parsed. The known cases are checked one by one; a property test then
-//! mutates them.
+//! mutates them, and another sends well-formed bodies of any size in either
+//! framing.
 //!
 //! `PROPTEST_CASES` raises the number of mutated cases (see the README).
 
@@ -546,5 +547,48 @@ proptest! {
                 outcome.seen
             )));
         }
+    }
+}
+
+/// A client body in one framing or the other, as a client would send it.
+fn framed_request(body: &[u8], chunks: Option<&[usize]>) -> Vec<u8> {
+    let mut raw = b"POST /a HTTP/1.1\r\nHost: x\r\n".to_vec();
+    match chunks {
+        None => {
+            raw.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+            raw.extend_from_slice(body);
+        }
+        Some(sizes) => {
+            raw.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+            let mut rest = body;
+            let mut sizes = sizes.iter().cycle();
+            while !rest.is_empty() {
+                let size = (*sizes.next().expect("a non-empty list")).min(rest.len());
+                let (chunk, tail) = rest.split_at(size);
+                raw.extend_from_slice(format!("{size:x}\r\n").as_bytes());
+                raw.extend_from_slice(chunk);
+                raw.extend_from_slice(b"\r\n");
+                rest = tail;
+            }
+            raw.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+    raw
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(32)))]
+
+    /// Any body, sized or chunked any way, reaches the upstream exactly,
+    /// in floodgate's own single framing, as one request.
+    #[test]
+    fn bodies_arrive_exactly_in_one_framing(
+        body in prop::collection::vec(any::<u8>(), 0..20_000),
+        chunks in proptest::option::of(prop::collection::vec(1usize..5000, 1..5)),
+    ) {
+        let raw = framed_request(&body, chunks.as_deref());
+        let outcome = run(&raw);
+        prop_assert!(outcome.harmless().is_ok(), "{:?}", outcome.harmless());
+        prop_assert_eq!(outcome.forwarded(), vec![("/a", &body[..])]);
     }
 }
