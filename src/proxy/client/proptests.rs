@@ -254,7 +254,8 @@ async fn drain(mut body: ResponseBody) -> (Vec<u8>, Option<BodyError>) {
 /// Makes `wire` arrive as the upstream's answer body after a head: its
 /// first `already` bytes were read together with the head, the rest arrive
 /// in the pieces `cuts` gives, then the upstream closes. Returns what the
-/// body yielded and whether the connection went back to the pool.
+/// body yielded, the error it ended with, and how many connections went
+/// back to the pool.
 fn decode(
     framing: Framing,
     wire: &[u8],
