@@ -297,3 +297,6 @@ mod tests {
         assert_eq!("draft".parse::<HeaderStyle>(), Err(()));
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -426,3 +426,6 @@ mod tests {
         assert_eq!(ClientIp::new().extract(&req), Err(KeyError::NoPeerAddress));
     }
 }
+
+#[cfg(test)]
+mod proptests;

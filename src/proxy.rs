@@ -738,3 +738,6 @@ mod tests {
         assert!(!head.contains("te:"), "{head}");
     }
 }
+
+#[cfg(test)]
+mod proptests;

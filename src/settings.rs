@@ -943,3 +943,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -215,3 +215,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;
