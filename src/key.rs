@@ -204,8 +204,9 @@ fn parse_forwarded_addr(entry: &str) -> Option<IpAddr> {
 /// of one value that the upstream reads alike: the value's surrounding
 /// whitespace is not part of the key, and for `Authorization` neither is the
 /// case of the auth scheme nor the amount of whitespace after it
-/// ([`normalize_credentials`]). A request without the header (or with it
-/// empty or blank) is counted by client address instead, using `fallback`. A request carrying the header twice is refused (400): which of
+/// (RFC 9110 §11.1). A request without the header (or with it empty or
+/// blank) is counted by client address instead, using `fallback`. A request
+/// carrying the header twice is refused (400): which of
 /// the two the upstream would authenticate is not ours to guess, and taking
 /// either would let a client pair its real key with a fresh one. So is a
 /// request whose `Connection` header names the key header, which would ask
