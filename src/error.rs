@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `Downstream` (bad key, refused method) | 400 / 405 |
 //! | client stopped sending its body | 408 |
+//! | request body past `FLOODGATE_MAX_BODY` | 413 |
 //! | upstream refused, reset or spoke garbage | 502 |
 //! | upstream answered nothing in time | 504 |
 //! | limiter state unavailable under `closed` policy | 503 |
@@ -35,6 +36,9 @@ pub enum ProxyError {
     /// The client sent part of its body and then stopped for too long.
     #[error("client sent no body bytes for {0:?}")]
     ClientTimeout(Duration),
+    /// The request body is longer than `FLOODGATE_MAX_BODY` allows.
+    #[error("request body longer than {0} bytes")]
+    PayloadTooLarge(u64),
     /// The client's body could not be read (it disconnected, or framed it badly).
     #[error("reading the request body: {0}")]
     ClientBody(String),
@@ -59,6 +63,7 @@ impl ResponseError for ProxyError {
             }
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::LimiterUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -71,7 +76,8 @@ impl ResponseError for ProxyError {
         match self {
             ProxyError::Downstream(_)
             | ProxyError::Malformed(_)
-            | ProxyError::MethodNotAllowed(_) => {
+            | ProxyError::MethodNotAllowed(_)
+            | ProxyError::PayloadTooLarge(_) => {
                 log::debug!("refused request: {self}")
             }
             ProxyError::ClientTimeout(_) | ProxyError::ClientBody(_) => {
@@ -94,7 +100,11 @@ impl ResponseError for ProxyError {
                     HeaderValue::from(crate::headers::retry_after_secs(*retry_after)),
                 ));
             }
-            ProxyError::ClientTimeout(_) | ProxyError::ClientBody(_) => {
+            // The rest of the body is unread: the connection cannot carry
+            // another request.
+            ProxyError::ClientTimeout(_)
+            | ProxyError::ClientBody(_)
+            | ProxyError::PayloadTooLarge(_) => {
                 res.force_close();
             }
             _ => {}
@@ -111,6 +121,9 @@ impl ProxyError {
             ProxyError::Malformed(reason) => format!("Bad Request: {reason}\n"),
             ProxyError::MethodNotAllowed(m) => format!("Method Not Allowed: {m}\n"),
             ProxyError::ClientTimeout(_) => "Request Timeout\n".into(),
+            ProxyError::PayloadTooLarge(max) => {
+                format!("Payload Too Large: the request body may be at most {max} bytes\n")
+            }
             ProxyError::ClientBody(_) => "Bad Request: unreadable request body\n".into(),
             ProxyError::UpstreamConnect(_) => "Bad Gateway\n".into(),
             ProxyError::UpstreamTimeout(_) => "Gateway Timeout\n".into(),

@@ -5,6 +5,8 @@
 //! set by trusted proxies) and an API-key header ([`HeaderKey`]). Embedders can
 //! implement [`KeyExtractor`] for anything else.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -198,9 +200,13 @@ fn parse_forwarded_addr(entry: &str) -> Option<IpAddr> {
 /// An API key from a request header, e.g. `X-Api-Key`.
 ///
 /// Header names are case-insensitive, so `X-API-KEY` and `x-api-key` are the
-/// same header and cannot be used to get a second budget. A request without
-/// the header (or with it empty) is counted by client address instead, using
-/// `fallback`. A request carrying the header twice is refused (400): which of
+/// same header and cannot be used to get a second budget. Nor can spellings
+/// of one value that the upstream reads alike: the value's surrounding
+/// whitespace is not part of the key, and for `Authorization` neither is the
+/// case of the auth scheme nor the amount of whitespace after it
+/// (RFC 9110 §11.1). A request without the header (or with it empty or
+/// blank) is counted by client address instead, using `fallback`. A request
+/// carrying the header twice is refused (400): which of
 /// the two the upstream would authenticate is not ours to guess, and taking
 /// either would let a client pair its real key with a fresh one. So is a
 /// request whose `Connection` header names the key header, which would ask
@@ -230,10 +236,82 @@ impl KeyExtractor for HeaderKey {
         let mut values = headers.get_all(&self.name);
         match (values.next(), values.next()) {
             (Some(_), Some(_)) => Err(KeyError::AmbiguousHeader(self.name.clone())),
-            (Some(value), None) if !value.is_empty() => Ok(RateKey::header(value.clone())),
-            _ => self.fallback.extract(req),
+            (Some(value), None) => match self.normalize(value) {
+                Some(value) => Ok(RateKey::header(value)),
+                None => self.fallback.extract(req),
+            },
+            (None, _) => self.fallback.extract(req),
         }
     }
+}
+
+impl HeaderKey {
+    /// The value as the upstream reads it (see [`normalize_credentials`] and
+    /// [`trim_ows`]), or `None` when nothing is left. Allocates only when the
+    /// value changes.
+    fn normalize(&self, value: &HeaderValue) -> Option<HeaderValue> {
+        let bytes = value.as_bytes();
+        let normalized = if is_credentials_header(&self.name) {
+            normalize_credentials(bytes)
+        } else {
+            Cow::Borrowed(trim_ows(bytes))
+        };
+        if normalized.is_empty() {
+            return None;
+        }
+        if normalized.len() == bytes.len() && *normalized == *bytes {
+            return Some(value.clone());
+        }
+        // Only removes whitespace and lower-cases ASCII: still a valid value.
+        HeaderValue::from_bytes(&normalized).ok()
+    }
+}
+
+/// Headers holding `credentials = auth-scheme [ 1*SP ( token68 / #auth-param ) ]`
+/// (RFC 9110 §11.4, §11.7.2).
+fn is_credentials_header(name: &HeaderName) -> bool {
+    *name == header::AUTHORIZATION || *name == header::PROXY_AUTHORIZATION
+}
+
+/// A header value without its optional whitespace (RFC 9110 §5.5: `OWS`,
+/// spaces and tabs, before and after the value is not part of it).
+pub(crate) fn trim_ows(value: &[u8]) -> &[u8] {
+    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = value.iter().position(|b| !is_ows(b)).unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |i| i + 1);
+    &value[start..end]
+}
+
+/// An `Authorization` value as an upstream compares it (RFC 9110 §11.1):
+/// the auth scheme is case-insensitive, so it is lower-cased; the spaces (or
+/// tabs, which lenient servers accept) between scheme and credentials become
+/// one space; surrounding whitespace goes. The credentials themselves
+/// (`token68` or auth-params) stay exactly as sent: they are case-sensitive.
+/// So `Bearer tok`, `bearer tok`, `BEARER  tok` and `Bearer\ttok` are one
+/// key, and `Bearer Tok` another.
+pub(crate) fn normalize_credentials(value: &[u8]) -> Cow<'_, [u8]> {
+    let value = trim_ows(value);
+    let scheme_len = value
+        .iter()
+        .position(|b| *b == b' ' || *b == b'\t')
+        .unwrap_or(value.len());
+    let (scheme, rest) = value.split_at(scheme_len);
+    let credentials = trim_ows(rest);
+    let canonical = !scheme.iter().any(u8::is_ascii_uppercase)
+        && (credentials.is_empty() || (rest.len() == credentials.len() + 1 && rest[0] == b' '));
+    if canonical {
+        return Cow::Borrowed(value);
+    }
+    let mut out = Vec::with_capacity(scheme.len() + 1 + credentials.len());
+    out.extend(scheme.iter().map(u8::to_ascii_lowercase));
+    if !credentials.is_empty() {
+        out.push(b' ');
+        out.extend_from_slice(credentials);
+    }
+    Cow::Owned(out)
 }
 
 /// Whether any `Connection` header lists `name`.
@@ -242,6 +320,92 @@ pub(crate) fn connection_names(headers: &HeaderMap, name: &HeaderName) -> bool {
         .get_all(header::CONNECTION)
         .flat_map(|value| crate::headers::tokens(value.as_bytes()))
         .any(|token| token.eq_ignore_ascii_case(name.as_str().as_bytes()))
+}
+
+// === Fingerprint ===
+
+/// Bytes in a [`Fingerprint`]: 128 bits, so that no two of the keys one
+/// deployment ever sees share one by chance (about n²/2¹²⁹).
+pub const FINGERPRINT_LEN: usize = 16;
+
+/// What [`Fingerprinter::new`] derives its key with (BLAKE3 `derive_key`
+/// context: unique to this use, fixed forever, so fingerprints stay stable
+/// across versions).
+const FINGERPRINT_CONTEXT: &str = "floodgate 2026-12 rate-limit key fingerprint v1";
+
+/// Computes [`Fingerprint`]s: the one way floodgate turns a secret it counts
+/// by (an API key) into something it may store or show. Redis key names use
+/// it, and so should anything else that has to name a key (logs, metrics,
+/// admin answers), so that one key has one fingerprint everywhere.
+///
+/// It is keyed BLAKE3, keyed by a *scope*: replicas that share state pass the
+/// same scope (floodgate uses the Redis prefix, `FLOODGATE_REDIS_PREFIX`),
+/// and get the same fingerprints; fingerprints from deployments with other
+/// scopes cannot be compared with them. The scope is not a secret (the prefix
+/// is in every Redis key name): whoever knows it can still test a guessed API
+/// key against a fingerprint, one hash per guess, so fingerprints protect
+/// long random API keys, not short guessable ones.
+#[derive(Clone)]
+pub struct Fingerprinter {
+    key: [u8; 32],
+}
+
+impl Fingerprinter {
+    /// Fingerprints under `scope` (floodgate passes its Redis prefix).
+    pub fn new(scope: &[u8]) -> Self {
+        Fingerprinter {
+            key: blake3::derive_key(FINGERPRINT_CONTEXT, scope),
+        }
+    }
+
+    /// The fingerprint of `secret`.
+    pub fn fingerprint(&self, secret: &[u8]) -> Fingerprint {
+        let hash = blake3::keyed_hash(&self.key, secret);
+        let mut out = [0; FINGERPRINT_LEN];
+        out.copy_from_slice(&hash.as_bytes()[..FINGERPRINT_LEN]);
+        Fingerprint(out)
+    }
+}
+
+impl fmt::Debug for Fingerprinter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fingerprinter { .. }")
+    }
+}
+
+/// A short keyed hash of a secret (see [`Fingerprinter`]); shown as 32
+/// lower-case hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; FINGERPRINT_LEN]);
+
+impl Fingerprint {
+    pub fn as_bytes(&self) -> &[u8; FINGERPRINT_LEN] {
+        &self.0
+    }
+
+    /// Appends the hex form to `out` (no formatting machinery).
+    pub fn write_hex(&self, out: &mut Vec<u8>) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for b in self.0 {
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        }
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut hex = Vec::with_capacity(2 * FINGERPRINT_LEN);
+        self.write_hex(&mut hex);
+        // Hex digits are ASCII.
+        f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
 }
 
 #[cfg(test)]
@@ -418,6 +582,114 @@ mod tests {
             header_key().extract(&req),
             Err(KeyError::KeyHeaderInConnection(_))
         ));
+    }
+
+    fn auth_key() -> HeaderKey {
+        HeaderKey::new(header::AUTHORIZATION, ClientIp::new())
+    }
+
+    fn key_with(extractor: &HeaderKey, value: &[u8]) -> Result<RateKey, KeyError> {
+        let req = TestRequest::default()
+            .peer_addr(peer())
+            .insert_header((
+                extractor.name().clone(),
+                HeaderValue::from_bytes(value).unwrap(),
+            ))
+            .to_srv_request();
+        extractor.extract(&req)
+    }
+
+    #[test]
+    fn authorization_spellings_the_upstream_reads_alike_are_one_key() {
+        let spent = key_with(&auth_key(), b"Bearer tok").unwrap();
+        assert_eq!(
+            spent,
+            RateKey::header(HeaderValue::from_static("bearer tok"))
+        );
+        for spelling in [
+            &b"bearer tok"[..],
+            b"BEARER tok",
+            b"Bearer  tok",
+            b"Bearer\ttok",
+            b" Bearer tok ",
+            b"\tBeArEr \t tok\t",
+        ] {
+            assert_eq!(
+                key_with(&auth_key(), spelling).as_ref(),
+                Ok(&spent),
+                "{:?}",
+                spelling.escape_ascii().to_string()
+            );
+        }
+        assert_ne!(key_with(&auth_key(), b"Bearer Tok"), Ok(spent.clone()));
+        assert_ne!(key_with(&auth_key(), b"Basic tok"), Ok(spent));
+    }
+
+    #[test]
+    fn credentials_normalisation_keeps_the_credentials_as_sent() {
+        for (sent, key) in [
+            (&b"Bearer tok"[..], &b"bearer tok"[..]),
+            (b"bearer tok", b"bearer tok"),
+            (b"Bearer Tok=", b"bearer Tok="),
+            (
+                b"Digest  username=\"A\", realm=\"r\"",
+                b"digest username=\"A\", realm=\"r\"",
+            ),
+            (b"Negotiate", b"negotiate"),
+            (b"  ", b""),
+            (b"", b""),
+        ] {
+            assert_eq!(
+                &*normalize_credentials(sent),
+                key,
+                "{}",
+                sent.escape_ascii()
+            );
+        }
+        assert!(matches!(
+            normalize_credentials(b"bearer tok"),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn any_key_header_loses_its_optional_whitespace_and_nothing_else() {
+        let k1 = Ok(RateKey::header(HeaderValue::from_static("k1")));
+        for spelling in [&b"k1"[..], b" k1", b"k1 ", b"\tk1\t "] {
+            assert_eq!(key_with(&header_key(), spelling), k1);
+        }
+        // Case and inner whitespace of other headers are the upstream's to read.
+        assert_ne!(key_with(&header_key(), b"K1"), k1);
+        assert_eq!(
+            key_with(&header_key(), b"Bearer  tok"),
+            Ok(RateKey::header(HeaderValue::from_static("Bearer  tok")))
+        );
+        assert_eq!(trim_ows(b" \t a b \t"), b"a b");
+    }
+
+    #[test]
+    fn a_blank_key_header_falls_back_to_the_client_address() {
+        let fallback = Ok(RateKey::ip(ip("192.0.2.50")));
+        assert_eq!(key_with(&header_key(), b" \t "), fallback);
+        assert_eq!(key_with(&auth_key(), b"  "), fallback);
+    }
+
+    #[test]
+    fn fingerprints_are_keyed_by_their_scope() {
+        let a = Fingerprinter::new(b"floodgate:");
+        assert_eq!(
+            a.fingerprint(b"k1"),
+            Fingerprinter::new(b"floodgate:").fingerprint(b"k1")
+        );
+        assert_ne!(a.fingerprint(b"k1"), a.fingerprint(b"k2"));
+        assert_ne!(
+            a.fingerprint(b"k1"),
+            Fingerprinter::new(b"other:").fingerprint(b"k1")
+        );
+        let shown = a.fingerprint(b"k1").to_string();
+        assert_eq!(shown.len(), 2 * FINGERPRINT_LEN);
+        assert!(shown.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(!format!("{a:?}").contains(&format!("{:?}", a.key)));
     }
 
     #[test]

@@ -20,7 +20,10 @@
 mod body;
 pub mod client;
 mod coarse;
+mod max_body;
 mod websocket;
+
+pub use max_body::{MaxBody, MaxBodyService};
 
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -74,6 +77,7 @@ pub struct Upstream {
     host_header: HostHeader,
     trusted: ClientIp,
     metrics: Arc<Metrics>,
+    max_body: Option<u64>,
 }
 
 /// Why an upstream URL was refused.
@@ -117,6 +121,7 @@ impl Upstream {
             host_header: HostHeader::Client,
             trusted: ClientIp::new(),
             metrics: Arc::default(),
+            max_body: None,
         })
     }
 
@@ -146,6 +151,16 @@ impl Upstream {
     /// anyone else they are replaced.
     pub fn trust(mut self, proxies: impl IntoIterator<Item = IpNet>) -> Self {
         self.trusted = ClientIp::new().trust(proxies);
+        self
+    }
+
+    /// Refuses request bodies longer than `max` bytes with `413`
+    /// (`FLOODGATE_MAX_BODY`; `None`: unlimited). A `Content-Length` past it
+    /// is refused before anything is forwarded; a chunked body is counted as
+    /// it streams. Wrap [`MaxBody`] outside the rate limiter to refuse the
+    /// former before it is charged.
+    pub fn max_body(mut self, max: Option<u64>) -> Self {
+        self.max_body = max;
         self
     }
 
@@ -238,6 +253,7 @@ pub async fn forward(
     let target = upstream.path_and_query(req.uri())?;
     let headers = req.headers();
     let body_len = content_length(headers)?;
+    max_body::check(body_len, upstream.max_body)?;
     let chunked = headers.contains_key(header::TRANSFER_ENCODING);
     let websocket = websocket_handshake(headers, body_len, chunked)?;
     let named = connection_named(headers);
@@ -259,7 +275,8 @@ pub async fn forward(
         (client::RequestBody::None, None, Some(payload))
     } else {
         let progress = Progress::new();
-        let body = RequestBody::new(payload, progress.clone(), upstream.client_timeout);
+        let body = RequestBody::new(payload, progress.clone(), upstream.client_timeout)
+            .max(upstream.max_body);
         let body = match body_len {
             Some(len) => client::RequestBody::Sized(len, body),
             None => client::RequestBody::Chunked(body),
@@ -345,6 +362,7 @@ fn exchange_error(err: ExchangeError, timeout: Duration) -> ProxyError {
     match err {
         ExchangeError::Timeout => ProxyError::UpstreamTimeout(timeout),
         ExchangeError::Body(BodyError::ClientIdle(after)) => ProxyError::ClientTimeout(after),
+        ExchangeError::Body(BodyError::TooLarge(max)) => ProxyError::PayloadTooLarge(max),
         ExchangeError::Body(err) => ProxyError::ClientBody(err.to_string()),
         other => ProxyError::UpstreamConnect(other.to_string()),
     }

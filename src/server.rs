@@ -106,6 +106,7 @@ impl Floodgate {
             .client_timeout(settings.client_timeout)
             .websocket_idle_timeout(settings.websocket_idle_timeout)
             .host_header(settings.host_header)
+            .max_body(settings.max_body)
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
         let rate_limit = RateLimit::new(backend.clone(), limit)
@@ -320,9 +321,12 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
 
     let rate_limit = floodgate.rate_limit.clone();
     let upstream = floodgate.upstream.clone();
+    // Outermost: an oversize body is refused before it is charged.
+    let max_body = proxy::MaxBody::new(settings.max_body);
     let main = HttpServer::new(move || {
         App::new()
             .wrap(rate_limit.clone())
+            .wrap(max_body)
             .configure(proxy::configure(upstream.clone()))
     })
     .on_connect(client_on_connect(

@@ -45,6 +45,7 @@ pub const KEYS: &[&str] = &[
     "upstream_timeout",
     "client_timeout",
     "host_header",
+    "max_body",
     "rate",
     "burst",
     "key",
@@ -127,6 +128,8 @@ pub struct Settings {
     pub upstream_timeout: Duration,
     pub client_timeout: Duration,
     pub host_header: HostHeader,
+    /// Longest request body in bytes; `None`: unlimited.
+    pub max_body: Option<u64>,
     pub rate: Rate,
     pub burst: NonZeroU32,
     pub key: KeyKind,
@@ -444,6 +447,7 @@ impl<'a> Raw<'a> {
             "upstream" => Ok(HostHeader::Upstream),
             _ => Err("expected client or upstream".into()),
         });
+        let max_body = self.parse("max_body", parse_size).flatten();
         let rate = self.required("rate", |s| Rate::from_str(s).map_err(|e| e.to_string()));
         let burst = match self.get("burst") {
             None => rate.map(|r| r.count()),
@@ -533,6 +537,7 @@ impl<'a> Raw<'a> {
             upstream_timeout: upstream_timeout?,
             client_timeout: client_timeout?,
             host_header: host_header?,
+            max_body,
             rate: rate?,
             burst: burst?,
             key: key?,
@@ -613,6 +618,28 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Ok(d) if !d.is_zero() && d <= Duration::from_secs(7 * 86_400) => Ok(d),
         _ => Err(ACCEPTED.into()),
     }
+}
+
+/// A size in bytes: `1048576`, or with a binary suffix, `512k`, `10m`, `1g`
+/// (KiB, MiB, GiB, as nginx reads them). `0` means no limit (`None`), as
+/// nginx's `client_max_body_size 0` does.
+pub fn parse_size(s: &str) -> Result<Option<u64>, String> {
+    const ACCEPTED: &str = "expected a size in bytes, optionally with k, m or g (KiB, MiB, GiB): 1048576, 512k, 10m, 1g; 0 for no limit";
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = s.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| ACCEPTED.to_owned())?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => return Err(ACCEPTED.into()),
+    };
+    let bytes = number
+        .checked_mul(scale)
+        .ok_or_else(|| ACCEPTED.to_owned())?;
+    Ok((bytes > 0).then_some(bytes))
 }
 
 fn parse_key(s: &str) -> Result<KeyKind, String> {
@@ -850,6 +877,28 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn body_sizes() {
+        assert_eq!(Settings::default().max_body, None, "unlimited by default");
+        assert_eq!(parse_size("1048576"), Ok(Some(1_048_576)));
+        assert_eq!(parse_size("512k"), Ok(Some(512 * 1024)));
+        assert_eq!(parse_size("10M"), Ok(Some(10 << 20)));
+        assert_eq!(parse_size("1g"), Ok(Some(1 << 30)));
+        assert_eq!(parse_size("0"), Ok(None));
+        for bad in ["10mb", "1.5m", "-1", "m", "lots", "99999999999999999999g"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        let s = load(&[("FLOODGATE_MAX_BODY", "10m")]).unwrap();
+        assert_eq!(s.max_body, Some(10 << 20));
+        let err = load(&[("FLOODGATE_MAX_BODY", "10 MB")]).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("FLOODGATE_MAX_BODY=\"10 MB\": expected a size in bytes"),
+            "{err}"
+        );
     }
 
     #[test]

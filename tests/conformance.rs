@@ -134,6 +134,38 @@ async fn keys_are_isolated(make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>) {
     );
 }
 
+/// A value that spells another value's stored id gets its own budget. Ids
+/// used to keep short values in clear and store a long one as `#` and its
+/// SHA-1, so the header `#<sha1 of V>` spent V's budget.
+async fn values_never_spell_another_values_id(make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>) {
+    use actix_web::http::header::HeaderValue;
+    let l = limit("1/h", 1);
+    let b = make(&[&l]).await;
+    let long = "x".repeat(65);
+    let victim = RateKey::header(HeaderValue::from_str(&long).unwrap());
+    assert!(check(&*b, &l, &victim).await.is_allowed());
+    assert!(!check(&*b, &l, &victim).await.is_allowed());
+    let fingerprint =
+        floodgate::key::Fingerprinter::new(b"conformance:").fingerprint(long.as_bytes());
+    for spelled in [
+        // SHA-1 of 65 times "x".
+        "#78c741ddc482e4cdf8c474a0876347a0905b6233".to_owned(),
+        fingerprint.to_string(),
+        format!("h:{fingerprint}"),
+    ] {
+        let attacker = RateKey::header(HeaderValue::from_str(&spelled).unwrap());
+        assert!(
+            check(&*b, &l, &attacker).await.is_allowed(),
+            "{spelled:?} got the victim's spent budget"
+        );
+        let attacker = RateKey::bytes(spelled.clone());
+        assert!(
+            check(&*b, &l, &attacker).await.is_allowed(),
+            "bytes {spelled:?} got the victim's spent budget"
+        );
+    }
+}
+
 async fn limits_are_isolated(make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>) {
     let per_hour = limit("1/h", 1);
     let mut per_day = limit("1/d", 1);
@@ -239,6 +271,10 @@ macro_rules! conformance {
         #[actix_web::test]
         async fn limits_are_isolated() {
             super::limits_are_isolated($make).await
+        }
+        #[actix_web::test]
+        async fn values_never_spell_another_values_id() {
+            super::values_never_spell_another_values_id($make).await
         }
         #[actix_web::test]
         async fn concurrent_checks_never_share_the_last_cell() {

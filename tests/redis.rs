@@ -22,6 +22,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use floodgate::key::Fingerprinter;
 use support::client::{build, read_response};
 use support::proxy::{ProxyBuilder, free_port};
 use support::{Binary, Proxy, RedisCluster, RedisServer, Response, eventually, patience, upstream};
@@ -168,9 +169,11 @@ fn pttl(redis: &RedisServer, key: &str) -> i64 {
         .unwrap_or_else(|_| panic!("PTTL {key} answered {out:?}"))
 }
 
-/// The Redis key floodgate uses for `api_key` under the default limit.
+/// The Redis key floodgate uses for `api_key` under the default limit: the
+/// key's fingerprint, keyed by the prefix, never the key itself.
 fn redis_key(prefix: &str, api_key: &str) -> String {
-    format!("{prefix}{{h:{api_key}}}:default")
+    let fingerprint = Fingerprinter::new(prefix.as_bytes()).fingerprint(api_key.as_bytes());
+    format!("{prefix}{{h:{fingerprint}}}:default")
 }
 
 fn exists(redis: &RedisServer, key: &str) -> bool {
@@ -426,6 +429,58 @@ fn every_key_has_a_ttl() {
     assert_eq!(new, BTreeSet::from([key.clone()]));
     let ttl = pttl(&redis, &key);
     assert!(ttl > 0 && ttl <= 6000, "PTTL {key} = {ttl}");
+}
+
+#[test]
+fn no_api_key_appears_in_any_redis_key() {
+    let redis = RedisServer::start();
+    let up = upstream().run();
+    let fg = redis_proxy(up.addr(), &redis.url())
+        .rate("10/min")
+        .burst(10)
+        .run();
+    wait_ready(fg.admin, || redis.log());
+
+    let long = format!("sk_live_{}", "7".repeat(200));
+    let api_keys = ["k", "sk_live_short", "a b", long.as_str()];
+    for api_key in api_keys {
+        assert_eq!(call(fg.addr, Some(api_key)).0.status, 200);
+    }
+    // The same key spent as `Authorization`: one key for every spelling.
+    let auth = redis_proxy(up.addr(), &redis.url())
+        .rate("2/min")
+        .burst(2)
+        .env("FLOODGATE_KEY", "header:authorization")
+        .env("FLOODGATE_REDIS_PREFIX", "auth:")
+        .run();
+    wait_ready(auth.admin, || redis.log());
+    for (spelling, status) in [
+        ("Bearer tok-9", 200),
+        ("bearer  tok-9", 200),
+        ("BEARER\ttok-9", 429),
+    ] {
+        let raw = build("GET", "/", &[("authorization", spelling)], b"");
+        let res = exchange(auth.addr, &raw).0.unwrap();
+        assert_eq!(res.status, status, "{spelling:?}");
+    }
+
+    let keys = scan(&redis);
+    let expected: BTreeSet<String> = api_keys
+        .iter()
+        .map(|k| redis_key("floodgate:", k))
+        .chain(["auth:{h:".to_owned()
+            + &Fingerprinter::new(b"auth:")
+                .fingerprint(b"bearer tok-9")
+                .to_string()
+            + "}:default"])
+        .collect();
+    assert_eq!(keys, expected);
+    for key in &keys {
+        for secret in api_keys.iter().copied().chain(["tok-9", "sk_live"]) {
+            assert!(!key.contains(secret), "{key:?} contains {secret:?}");
+        }
+        assert!(key.len() <= "floodgate:{}:default".len() + 42, "{key:?}");
+    }
 }
 
 // === outages ===

@@ -27,6 +27,8 @@ use actix_web::http::header::HeaderValue;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::key::Fingerprinter;
+
 pub use memory::MemoryBackend;
 pub use rate::{RATE_SYNTAX, Rate, RateError};
 pub use redis::{Fallback, RedisBackend, RedisTarget};
@@ -206,20 +208,29 @@ impl RateKey {
     }
 
     /// A stable, printable identity for stores shared between processes: the
-    /// same key gives the same bytes on every replica and every version. The
-    /// kind prefix (`ip:`, `h:`, `b:`, `g`) keeps kinds apart. A value longer
-    /// than [`MAX_PLAIN_KEY`] bytes, or with bytes outside printable ASCII, is
-    /// replaced by `#` and the hex SHA-1 of its bytes, so stored keys stay short
-    /// and printable.
-    pub fn stable_id(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(48);
-        self.write_stable_id(&mut out);
+    /// same key gives the same bytes on every replica and every version, as
+    /// long as `fingerprints` has the same scope. Each kind has its own
+    /// namespace, and each kind is either always in clear or always hashed,
+    /// so no key of one kind can spell another's id:
+    ///
+    /// | kind | id |
+    /// | --- | --- |
+    /// | global | `g` |
+    /// | client address | `ip:` and the address (`ip:192.0.2.1`, `ip:2001:db8::`) |
+    /// | header value | `h:` and its [`Fingerprint`](crate::key::Fingerprint), always |
+    /// | custom bytes | `b:` and their fingerprint, always |
+    ///
+    /// A header value (an API key) is never written in clear, whatever its
+    /// length, and no id is longer than [`MAX_STABLE_ID`].
+    pub fn stable_id(&self, fingerprints: &Fingerprinter) -> Vec<u8> {
+        let mut out = Vec::with_capacity(MAX_STABLE_ID);
+        self.write_stable_id(fingerprints, &mut out);
         out
     }
 
     /// Appends [`RateKey::stable_id`] to `out` (one allocation fewer, and no
     /// formatting machinery for IPv4, for callers building a longer key).
-    pub fn write_stable_id(&self, out: &mut Vec<u8>) {
+    pub fn write_stable_id(&self, fingerprints: &Fingerprinter, out: &mut Vec<u8>) {
         let (kind, value): (&[u8], &[u8]) = match &self.0 {
             Repr::Global => return out.extend_from_slice(b"g"),
             Repr::Ip(IpAddr::V4(ip)) => {
@@ -242,17 +253,13 @@ impl RateKey {
             Repr::Bytes(bytes) => (b"b:", bytes.as_ref()),
         };
         out.extend_from_slice(kind);
-        if value.len() <= MAX_PLAIN_KEY && value.iter().all(|b| b.is_ascii_graphic()) {
-            out.extend_from_slice(value);
-        } else {
-            out.push(b'#');
-            out.extend_from_slice(sha1_smol::Sha1::from(value).digest().to_string().as_bytes());
-        }
+        fingerprints.fingerprint(value).write_hex(out);
     }
 }
 
-/// Longest key value stored as-is by [`RateKey::stable_id`].
-pub const MAX_PLAIN_KEY: usize = 64;
+/// Longest [`RateKey::stable_id`]: `ip:` and the longest IPv6 text (39
+/// characters); a fingerprinted id is `h:` or `b:` and 32 hex digits.
+pub const MAX_STABLE_ID: usize = 3 + 39;
 
 impl fmt::Debug for RateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -365,45 +372,99 @@ mod tests {
         assert_eq!(l.reset_after(0), Duration::from_secs(60));
     }
 
+    fn fingerprints() -> Fingerprinter {
+        Fingerprinter::new(b"floodgate:")
+    }
+
     #[test]
     fn key_kinds_never_collide() {
+        let fp = fingerprints();
         let ip = RateKey::ip("192.0.2.1".parse().unwrap());
         let header = RateKey::header(HeaderValue::from_static("192.0.2.1"));
         let bytes = RateKey::bytes("192.0.2.1");
         assert_ne!(ip, header);
         assert_ne!(header, bytes);
-        assert_ne!(ip.stable_id(), header.stable_id());
-        assert_ne!(header.stable_id(), bytes.stable_id());
+        assert_ne!(ip.stable_id(&fp), header.stable_id(&fp));
+        assert_ne!(header.stable_id(&fp), bytes.stable_id(&fp));
+    }
+
+    #[test]
+    fn a_value_spelling_another_values_hashed_id_gets_its_own_id() {
+        // Ids used to keep short values in clear and replace long ones by
+        // `#` + SHA-1, so the value `#<sha1 of V>` landed on V's id.
+        let fp = fingerprints();
+        let long = "k".repeat(100);
+        let victim = RateKey::header(HeaderValue::from_str(&long).unwrap());
+        let hashed = victim.stable_id(&fp);
+        let hash_text = String::from_utf8(hashed[2..].to_vec()).unwrap();
+        for spelled in [
+            hash_text.clone(),
+            format!("#{hash_text}"),
+            String::from_utf8(hashed.clone()).unwrap(),
+        ] {
+            let attacker = RateKey::header(HeaderValue::from_str(&spelled).unwrap());
+            assert_ne!(attacker.stable_id(&fp), hashed, "{spelled:?}");
+            let attacker = RateKey::bytes(spelled.clone());
+            assert_ne!(attacker.stable_id(&fp), hashed, "{spelled:?}");
+        }
     }
 
     #[test]
     fn stable_ids_are_short_and_printable() {
+        let fp = fingerprints();
         assert_eq!(
-            RateKey::ip("192.0.2.1".parse().unwrap()).stable_id(),
+            RateKey::ip("192.0.2.1".parse().unwrap()).stable_id(&fp),
             b"ip:192.0.2.1"
         );
         assert_eq!(
-            RateKey::ip("2001:db8::".parse().unwrap()).stable_id(),
+            RateKey::ip("2001:db8::".parse().unwrap()).stable_id(&fp),
             b"ip:2001:db8::"
         );
-        assert_eq!(
-            RateKey::header(HeaderValue::from_static("k-1")).stable_id(),
-            b"h:k-1"
-        );
-        assert_eq!(RateKey::global().stable_id(), b"g");
+        assert_eq!(RateKey::global().stable_id(&fp), b"g");
         for ip in ["0.0.0.0", "10.0.0.255", "255.255.255.255", "1.22.133.4"] {
-            let id = RateKey::ip(ip.parse().unwrap()).stable_id();
+            let id = RateKey::ip(ip.parse().unwrap()).stable_id(&fp);
             assert_eq!(id, format!("ip:{ip}").as_bytes(), "as Display writes it");
         }
-        let long = "x".repeat(65);
-        let id = RateKey::bytes(long.clone()).stable_id();
-        assert_eq!(id.len(), 2 + 1 + 40);
-        assert!(id.starts_with(b"b:#"));
-        assert_eq!(id, RateKey::bytes(long).stable_id(), "deterministic");
-        assert!(
-            RateKey::bytes("a b").stable_id().starts_with(b"b:#"),
-            "spaces are hashed"
+        let widest = RateKey::ip("1111:2222:3333:4444:5555:6666:7777:8888".parse().unwrap());
+        assert_eq!(widest.stable_id(&fp).len(), MAX_STABLE_ID);
+        for value in [
+            "k-1".to_owned(),
+            "x".repeat(65),
+            "a b".into(),
+            "x".repeat(8192),
+        ] {
+            let header = RateKey::header(HeaderValue::from_str(&value).unwrap());
+            let id = header.stable_id(&fp);
+            assert_eq!(id.len(), 2 + 32, "{value:?}");
+            assert!(id.starts_with(b"h:"));
+            assert!(
+                id[2..]
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
+            assert_eq!(id, header.stable_id(&fp), "deterministic");
+            assert!(id.len() <= MAX_STABLE_ID);
+            let bytes = RateKey::bytes(value.clone()).stable_id(&fp);
+            assert!(bytes.starts_with(b"b:") && bytes.len() == 2 + 32);
+        }
+    }
+
+    #[test]
+    fn header_ids_are_fixed_across_versions_and_scoped_by_prefix() {
+        // Replicas of different versions sharing one Redis must agree: this
+        // value may only change together with the fingerprint's context.
+        let key = RateKey::header(HeaderValue::from_static("k-1"));
+        let id = key.stable_id(&fingerprints());
+        assert_eq!(
+            String::from_utf8(id.clone()).unwrap(),
+            format!("h:{}", fingerprints().fingerprint(b"k-1"))
         );
+        assert_eq!(
+            String::from_utf8(id.clone()).unwrap(),
+            "h:552241154a20a56a09a9aa0ec53f4879"
+        );
+        let other_scope = key.stable_id(&Fingerprinter::new(b"tenant-b/"));
+        assert_ne!(id, other_scope);
     }
 
     #[test]

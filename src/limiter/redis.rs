@@ -7,8 +7,9 @@
 //! one multiplexed connection (a `ConnectionManager`, or a cluster
 //! connection) shared by all workers, so concurrent decisions are pipelined.
 //!
-//! Keys are `<prefix>{<client key>}:<limit>`: the braces are a Redis Cluster
-//! hash tag, so every limit of one client lands in one slot (a later rule
+//! Keys are `<prefix>{<client key>}:<limit>`, the client key being
+//! [`RateKey::stable_id`] (an address in clear, an API key only as its
+//! fingerprint keyed by the prefix): the braces are a Redis Cluster hash tag, so every limit of one client lands in one slot (a later rule
 //! with several limits can check them in one script). Each key lives only
 //! until it would be indistinguishable from a fresh one (`PX` = TAT − now), so
 //! no key lives forever and Redis memory stays bounded by active clients.
@@ -38,7 +39,10 @@ use redis::{
     Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
 };
 
-use super::{Backend, BackendError, Decision, Health, Limit, LimitId, MemoryBackend, RateKey};
+use super::{
+    Backend, BackendError, Decision, Health, Limit, LimitId, MAX_STABLE_ID, MemoryBackend, RateKey,
+};
+use crate::key::Fingerprinter;
 use crate::metrics::Metrics;
 use crate::settings::redact_url;
 
@@ -148,6 +152,8 @@ struct Inner {
     conn: RwLock<Option<Conn>>,
     script: redis::Script,
     prefix: String,
+    /// Keyed by the prefix: replicas sharing one agree (see `redis_key`).
+    fingerprints: Fingerprinter,
     timeout: Duration,
     limits: Vec<(LimitId, Params)>,
     local: Option<MemoryBackend>,
@@ -199,12 +205,14 @@ impl RedisBackend {
         }
         let local =
             (fallback == Fallback::Local).then(|| MemoryBackend::new(limits.clone(), max_keys));
+        let prefix = prefix.into();
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 target,
                 conn: RwLock::new(None),
                 script: redis::Script::new(GCRA_SCRIPT),
-                prefix: prefix.into(),
+                fingerprints: Fingerprinter::new(prefix.as_bytes()),
+                prefix,
                 timeout,
                 limits: limits
                     .into_iter()
@@ -325,11 +333,15 @@ impl Inner {
             .map(|(_, p)| *p)
     }
 
+    /// `<prefix>{<stable id>}:<limit>`: an API key only ever appears as its
+    /// fingerprint, and the part a client controls is at most
+    /// [`MAX_STABLE_ID`] bytes.
     fn redis_key(&self, limit: &Limit, key: &RateKey) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.prefix.len() + limit.name().len() + 48);
+        let mut out =
+            Vec::with_capacity(self.prefix.len() + limit.name().len() + MAX_STABLE_ID + 3);
         out.extend_from_slice(self.prefix.as_bytes());
         out.push(b'{');
-        key.write_stable_id(&mut out);
+        key.write_stable_id(&self.fingerprints, &mut out);
         out.extend_from_slice(b"}:");
         out.extend_from_slice(limit.name().as_bytes());
         out

@@ -26,6 +26,8 @@ pub enum BodyError {
     ClientIdle(Duration),
     #[error("{0}")]
     Client(String),
+    #[error("the request body is longer than {0} bytes")]
+    TooLarge(u64),
     #[error("upstream sent no body bytes for {0:?}")]
     UpstreamIdle(Duration),
     #[error("{0}")]
@@ -112,6 +114,10 @@ pub struct RequestBody<S> {
     progress: Progress,
     idle: Duration,
     timer: IdleTimer,
+    /// Bytes the body may carry at most (`FLOODGATE_MAX_BODY`), if capped.
+    max: Option<u64>,
+    /// Bytes passed on so far.
+    passed: u64,
 }
 
 impl<S> RequestBody<S> {
@@ -121,7 +127,17 @@ impl<S> RequestBody<S> {
             progress,
             idle,
             timer: IdleTimer::default(),
+            max: None,
+            passed: 0,
         }
+    }
+
+    /// Fails the body with [`BodyError::TooLarge`] instead of passing on the
+    /// chunk that would take it past `max` bytes: counted as it streams, so
+    /// a chunked body needs no buffering to be capped.
+    pub fn max(mut self, max: Option<u64>) -> Self {
+        self.max = max;
+        self
     }
 }
 
@@ -138,6 +154,10 @@ where
             Poll::Ready(Some(Ok(chunk))) => {
                 this.progress.moved();
                 this.timer.disarm();
+                this.passed = this.passed.saturating_add(chunk.len() as u64);
+                if let Some(max) = this.max.filter(|max| this.passed > *max) {
+                    return Poll::Ready(Some(Err(BodyError::TooLarge(max))));
+                }
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(err))) => {
@@ -185,5 +205,44 @@ impl IdleTimer {
             Some(sleep) => sleep.as_mut().poll(cx),
             None => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    fn body(
+        chunks: &[&'static [u8]],
+        max: Option<u64>,
+    ) -> RequestBody<impl Stream<Item = Result<Bytes, String>> + Unpin> {
+        let chunks: Vec<Result<Bytes, String>> =
+            chunks.iter().map(|c| Ok(Bytes::from_static(c))).collect();
+        RequestBody::new(
+            futures_util::stream::iter(chunks),
+            Progress::new(),
+            Duration::from_secs(60),
+        )
+        .max(max)
+    }
+
+    #[actix_web::test]
+    async fn a_capped_body_passes_up_to_its_cap_and_never_the_chunk_past_it() {
+        let mut exact = body(&[b"abc", b"de"], Some(5));
+        assert_eq!(exact.next().await.unwrap().unwrap(), "abc");
+        assert_eq!(exact.next().await.unwrap().unwrap(), "de");
+        assert!(exact.next().await.is_none());
+
+        let mut over = body(&[b"abc", b"def"], Some(5));
+        assert_eq!(over.next().await.unwrap().unwrap(), "abc");
+        assert!(matches!(
+            over.next().await,
+            Some(Err(BodyError::TooLarge(5)))
+        ));
+
+        let mut uncapped = body(&[b"abc", b"def"], None);
+        assert_eq!(uncapped.next().await.unwrap().unwrap(), "abc");
+        assert_eq!(uncapped.next().await.unwrap().unwrap(), "def");
     }
 }
