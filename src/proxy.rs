@@ -68,6 +68,7 @@ pub struct Upstream {
     timeout: Duration,
     client_timeout: Duration,
     host_header: HostHeader,
+    reuse_after_body: bool,
     trusted: ClientIp,
     metrics: Arc<Metrics>,
 }
@@ -110,6 +111,7 @@ impl Upstream {
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             host_header: HostHeader::Client,
+            reuse_after_body: false,
             trusted: ClientIp::new(),
             metrics: Arc::default(),
         })
@@ -127,6 +129,14 @@ impl Upstream {
 
     pub fn host_header(mut self, host: HostHeader) -> Self {
         self.host_header = host;
+        self
+    }
+
+    /// Whether an upstream connection that carried a request body may be
+    /// reused (`FLOODGATE_UPSTREAM_REUSE_AFTER_BODY`; default no: such a
+    /// request goes with `Connection: close`). See [`client`] for why.
+    pub fn reuse_after_body(mut self, reuse: bool) -> Self {
+        self.reuse_after_body = reuse;
         self
     }
 
@@ -163,9 +173,12 @@ impl Upstream {
 
     /// Counts an upstream failure on its way to the client.
     fn count(&self, err: ProxyError) -> ProxyError {
-        match err {
-            ProxyError::UpstreamConnect(_) => self.metrics.upstream_connect_errors.inc(),
+        match &err {
             ProxyError::UpstreamTimeout(_) => self.metrics.upstream_timeouts.inc(),
+            ProxyError::Upstream(e) if e.io_kind() == Some(std::io::ErrorKind::TimedOut) => {
+                self.metrics.upstream_timeouts.inc()
+            }
+            ProxyError::Upstream(_) => self.metrics.upstream_connect_errors.inc(),
             _ => {}
         }
         err
@@ -198,7 +211,9 @@ pub fn configure(upstream: Upstream) -> impl Fn(&mut web::ServiceConfig) + Clone
         let host = upstream.authority.host();
         let port = upstream.authority.port_u16().unwrap_or(80);
         let forwarder = Forwarder {
-            client: Rc::new(UpstreamClient::new(host, port)),
+            client: Rc::new(
+                UpstreamClient::new(host, port).reuse_after_body(upstream.reuse_after_body),
+            ),
             upstream: upstream.clone(),
         };
         cfg.app_data(web::Data::new(forwarder))
@@ -243,7 +258,9 @@ pub async fn forward(
     };
 
     let timeout = upstream.timeout;
-    let (body, progress, tunnel) = if websocket || (body_len.is_none() && !chunked) {
+    let (body, progress, tunnel) = if websocket {
+        (client::RequestBody::Upgrade, None, Some(payload))
+    } else if body_len.is_none() && !chunked {
         (client::RequestBody::None, None, Some(payload))
     } else {
         let progress = Progress::new();
@@ -328,14 +345,20 @@ fn exchange_error(err: ExchangeError, timeout: Duration) -> ProxyError {
         ExchangeError::Timeout => ProxyError::UpstreamTimeout(timeout),
         ExchangeError::Body(BodyError::ClientIdle(after)) => ProxyError::ClientTimeout(after),
         ExchangeError::Body(err) => ProxyError::ClientBody(err.to_string()),
-        other => ProxyError::UpstreamConnect(other.to_string()),
+        other => ProxyError::Upstream(other),
     }
 }
 
 /// The client's answer: the upstream's status, end-to-end headers and body.
+/// If the upstream answered before the client's body was all read, the
+/// client's connection closes after it (the rest of that body is not read).
 fn respond(mut res: HttpResponse, answer: Answer) -> HttpResponse {
     let status = answer.status;
     *res.status_mut() = status;
+    if answer.interrupted {
+        res.head_mut()
+            .set_connection_type(actix_http::ConnectionType::Close);
+    }
     if status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED

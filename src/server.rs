@@ -101,6 +101,7 @@ impl Floodgate {
             .timeout(settings.upstream_timeout)
             .client_timeout(settings.client_timeout)
             .host_header(settings.host_header)
+            .reuse_after_body(settings.upstream_reuse_after_body)
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
         let rate_limit = RateLimit::new(backend.clone(), limit)

@@ -40,6 +40,7 @@ pub const KEYS: &[&str] = &[
     "upstream_timeout",
     "client_timeout",
     "host_header",
+    "upstream_reuse_after_body",
     "rate",
     "burst",
     "key",
@@ -119,6 +120,7 @@ pub struct Settings {
     pub upstream_timeout: Duration,
     pub client_timeout: Duration,
     pub host_header: HostHeader,
+    pub upstream_reuse_after_body: bool,
     pub rate: Rate,
     pub burst: NonZeroU32,
     pub key: KeyKind,
@@ -430,6 +432,7 @@ impl<'a> Raw<'a> {
             "upstream" => Ok(HostHeader::Upstream),
             _ => Err("expected client or upstream".into()),
         });
+        let upstream_reuse_after_body = self.required("upstream_reuse_after_body", parse_bool);
         let rate = self.required("rate", |s| Rate::from_str(s).map_err(|e| e.to_string()));
         let burst = match self.get("burst") {
             None => rate.map(|r| r.count()),
@@ -511,6 +514,7 @@ impl<'a> Raw<'a> {
             upstream_timeout: upstream_timeout?,
             client_timeout: client_timeout?,
             host_header: host_header?,
+            upstream_reuse_after_body: upstream_reuse_after_body?,
             rate: rate?,
             burst: burst?,
             key: key?,
@@ -556,6 +560,14 @@ fn list(s: &str) -> impl Iterator<Item = &str> {
 }
 
 // === parsers: Ok(value) or Err(what is accepted) ===
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse() {
@@ -682,6 +694,7 @@ mod tests {
         assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
         assert!(s.workers >= 1);
         assert_eq!(s.host_header, HostHeader::Client);
+        assert!(!s.upstream_reuse_after_body);
     }
 
     #[test]
@@ -808,6 +821,28 @@ mod tests {
         let toml = dir.path().join("broken.toml");
         std::fs::write(&toml, "rate = \n").unwrap();
         assert!(load(&[("FLOODGATE_CONFIG", toml.to_str().unwrap())]).is_err());
+    }
+
+    #[test]
+    fn upstream_reuse_after_body_is_a_bool() {
+        assert!(
+            load(&[("FLOODGATE_UPSTREAM_REUSE_AFTER_BODY", "TRUE")])
+                .unwrap()
+                .upstream_reuse_after_body
+        );
+        let err = load(&[("FLOODGATE_UPSTREAM_REUSE_AFTER_BODY", "yes")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "FLOODGATE_UPSTREAM_REUSE_AFTER_BODY=\"yes\": expected true or false"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("reuse.toml");
+        std::fs::write(&toml, "upstream_reuse_after_body = true\n").unwrap();
+        assert!(
+            load(&[("FLOODGATE_CONFIG", toml.to_str().unwrap())])
+                .unwrap()
+                .upstream_reuse_after_body
+        );
     }
 
     #[test]
