@@ -538,6 +538,10 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// * `X-Forwarded-Proto` and `X-Forwarded-Host` are set unless a trusted proxy
 ///   already set them; `Forwarded` and `X-Real-IP` pass only from a trusted
 ///   proxy.
+///
+/// For an absolute-form target (`GET http://a/x`) the target's authority is
+/// the host, and the client's `Host` is ignored (RFC 9112 §3.2.2), unless
+/// the upstream's own host is configured.
 fn write_request_head(
     out: &mut BytesMut,
     req: &HttpRequest,
@@ -559,6 +563,11 @@ fn write_request_head(
     out.extend_from_slice(target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
+    // Only absolute-form targets have an authority: no allocation otherwise.
+    let target_host = req.uri().authority().map(|a| match a.port() {
+        Some(port) => format!("{}:{}", a.host(), port.as_str()),
+        None => a.host().to_owned(),
+    });
     let headers = req.headers();
     let mut has_host = false;
     for (name, value) in headers.iter() {
@@ -571,7 +580,7 @@ fn write_request_head(
             continue;
         }
         if *name == header::HOST {
-            if upstream.host_header == HostHeader::Upstream {
+            if upstream.host_header == HostHeader::Upstream || target_host.is_some() {
                 continue;
             }
             has_host = true;
@@ -579,7 +588,11 @@ fn write_request_head(
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !has_host {
-        line(out, b"host", upstream.authority.as_str().as_bytes());
+        let host = match (&target_host, upstream.host_header) {
+            (Some(host), HostHeader::Client) => host.as_str(),
+            _ => upstream.authority.as_str(),
+        };
+        line(out, b"host", host.as_bytes());
     }
     if let Some(peer) = peer {
         out.extend_from_slice(b"x-forwarded-for: ");
@@ -596,9 +609,12 @@ fn write_request_head(
         line(out, b"x-forwarded-proto", b"http");
     }
     if !(trusted && headers.contains_key(X_FORWARDED_HOST))
-        && let Some(host) = headers.get(header::HOST)
+        && let Some(host) = target_host
+            .as_deref()
+            .map(str::as_bytes)
+            .or_else(|| headers.get(header::HOST).map(HeaderValue::as_bytes))
     {
-        line(out, b"x-forwarded-host", host.as_bytes());
+        line(out, b"x-forwarded-host", host);
     }
     if websocket {
         line(out, b"upgrade", b"websocket");
@@ -724,6 +740,28 @@ mod tests {
             "{head}"
         );
         assert!(head.contains("x-forwarded-for: 192.0.2.9\r\n"));
+    }
+
+    #[test]
+    fn an_absolute_form_targets_authority_replaces_host() {
+        for (target, host) in [
+            ("http://a.example/x", "a.example"),
+            ("http://a.example:8081/x", "a.example:8081"),
+            ("http://user@a.example/x", "a.example"),
+            ("http://[2001:db8::1]:8081/x", "[2001:db8::1]:8081"),
+        ] {
+            let req = TestRequest::get()
+                .uri(target)
+                .insert_header(("host", "b.example"));
+            let head = head_for(req, false);
+            assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
+            assert!(head.contains(&format!("\r\nhost: {host}\r\n")), "{head}");
+            assert!(
+                head.contains(&format!("\r\nx-forwarded-host: {host}\r\n")),
+                "{head}"
+            );
+            assert!(!head.contains("b.example"), "{head}");
+        }
     }
 
     #[test]

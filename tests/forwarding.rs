@@ -855,3 +855,32 @@ fn an_early_answer_stops_the_upload_and_its_connection_is_not_reused() {
         "the interrupted connection is not reused"
     );
 }
+
+#[test]
+fn an_absolute_form_targets_authority_is_the_host_the_upstream_sees() {
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    for (target, host) in [
+        ("http://a.example/x?y=1", "a.example"),
+        ("http://a.example:8081/x?y=1", "a.example:8081"),
+    ] {
+        let raw = support::client::build("GET", target, &[("Host", "b.example")], b"");
+        assert_eq!(send(fg.addr, &raw).status, 200, "{target}");
+        let rec = up.recorded().pop().unwrap();
+        assert_eq!(rec.uri, "/x?y=1");
+        assert_eq!(rec.header_all("host"), vec![host], "{target}");
+        assert_eq!(rec.header("x-forwarded-host"), Some(host), "{target}");
+    }
+
+    let up = upstream().run();
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_HOST_HEADER", "upstream")
+        .run();
+    let raw = support::client::build("GET", "http://a.example/x", &[("Host", "b.example")], b"");
+    assert_eq!(send(fg.addr, &raw).status, 200);
+    assert_eq!(
+        up.only().header_all("host"),
+        vec![up.addr().to_string().as_str()]
+    );
+}
