@@ -799,61 +799,69 @@ fn an_early_answer_stops_the_upload_and_its_connection_is_not_reused() {
     use std::io::{Read, Write};
     use std::sync::mpsc;
     use std::time::Duration;
-    // The upstream answers the head of an upload at once (keep-alive, as if
-    // it would read on), then counts the body bytes that still arrive.
-    let (tx, rx) = mpsc::channel::<usize>();
-    let tx = std::sync::Mutex::new(tx);
-    let up = support::raw_upstream(move |stream| {
-        use std::io::BufReader;
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let head = support::upstream::read_head(&mut reader);
-        let mut stream = stream;
-        if head.starts_with("GET ") {
-            let _ = echo_target(head.lines().next().unwrap(), &mut stream);
-            return;
+    // With or without reuse after a body: the interrupted connection is
+    // never pooled.
+    for reuse in [None, Some("true")] {
+        // The upstream answers the head of an upload at once (keep-alive, as if
+        // it would read on), then counts the body bytes that still arrive.
+        let (tx, rx) = mpsc::channel::<usize>();
+        let tx = std::sync::Mutex::new(tx);
+        let up = support::raw_upstream(move |stream| {
+            use std::io::BufReader;
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let head = support::upstream::read_head(&mut reader);
+            let mut stream = stream;
+            if head.starts_with("GET ") {
+                let _ = echo_target(head.lines().next().unwrap(), &mut stream);
+                return;
+            }
+            let _ = stream.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\nno\n");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+            let _ = tx
+                .lock()
+                .unwrap()
+                .send(rest.iter().filter(|&&b| b == b'L').count());
+        });
+        let mut fg = proxy(up.addr())
+            .rate(GENEROUS)
+            .env("FLOODGATE_WORKERS", "1");
+        if let Some(reuse) = reuse {
+            fg = fg.env("FLOODGATE_UPSTREAM_REUSE_AFTER_BODY", reuse);
         }
-        let _ = stream.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\nno\n");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
+        let fg = fg.run();
+        let stream = support::client::connect_within(fg.addr, Duration::from_secs(5));
+        let mut writer = &stream;
+        writer
+            .write_all(
+                b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\nearly bytes",
+            )
             .unwrap();
-        let mut rest = Vec::new();
-        let _ = reader.read_to_end(&mut rest);
-        let _ = tx
-            .lock()
-            .unwrap()
-            .send(rest.iter().filter(|&&b| b == b'L').count());
-    });
-    let fg = proxy(up.addr())
-        .rate(GENEROUS)
-        .env("FLOODGATE_WORKERS", "1")
-        .env("FLOODGATE_UPSTREAM_REUSE_AFTER_BODY", "true")
-        .run();
-    let stream = support::client::connect_within(fg.addr, Duration::from_secs(5));
-    let mut writer = &stream;
-    writer
-        .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\nearly bytes")
-        .unwrap();
-    // The answer comes while most of the body is still unsent.
-    let mut reader = std::io::BufReader::new(&stream);
-    let res = support::client::read_response(&mut reader, false).expect("the early answer");
-    assert_eq!((res.status, res.text().as_str()), (403, "no\n"));
-    assert_eq!(
-        res.header("connection"),
-        Some("close"),
-        "the rest of the client's body was never read"
-    );
-    // What the client sends now never reaches the upstream.
-    let _ = writer.write_all(&[b'L'; 100_000]);
-    let late = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("floodgate closes the upstream connection");
-    assert_eq!(late, 0, "late body bytes reached the upstream");
-    assert_eq!(request(fg.addr, "GET", "/next", &[], b"").text(), "/next");
-    assert_eq!(
-        up.connections(),
-        2,
-        "the interrupted connection is not reused"
-    );
+        // The answer comes while most of the body is still unsent.
+        let mut reader = std::io::BufReader::new(&stream);
+        let res = support::client::read_response(&mut reader, false).expect("the early answer");
+        assert_eq!((res.status, res.text().as_str()), (403, "no\n"));
+        assert_eq!(
+            res.header("connection"),
+            Some("close"),
+            "the rest of the client's body was never read"
+        );
+        // What the client sends now never reaches the upstream.
+        let _ = writer.write_all(&[b'L'; 100_000]);
+        let late = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("floodgate closes the upstream connection");
+        assert_eq!(late, 0, "late body bytes reached the upstream");
+        assert_eq!(request(fg.addr, "GET", "/next", &[], b"").text(), "/next");
+        assert_eq!(
+            up.connections(),
+            2,
+            "reuse after body {reuse:?}: the interrupted connection is not reused"
+        );
+    }
 }
 
 #[test]
