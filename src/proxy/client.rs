@@ -1263,7 +1263,7 @@ mod tests {
         use std::io::Write;
         for closes in [false, true] {
             let (client, listener) = client();
-            let (quiet, _quiet_upstream) = open(&client, &listener).await;
+            let (quiet, quiet_upstream) = open(&client, &listener).await;
             let (noisy, mut noisy_upstream) = open(&client, &listener).await;
             client.checkin(quiet);
             client.checkin(noisy);
@@ -1285,7 +1285,7 @@ mod tests {
             let left = client.checkout().expect("the quiet connection stays");
             assert_eq!(
                 left.io.peer_addr().unwrap(),
-                _quiet_upstream.local_addr().unwrap()
+                quiet_upstream.local_addr().unwrap()
             );
         }
     }
