@@ -435,9 +435,12 @@ fn dropped(name: &HeaderName, named: &[HeaderName]) -> bool {
 /// Whether floodgate may drop or rewrite a header called `name` on its way
 /// to the upstream, whoever sends it (see [`write_request_head`]). Such a
 /// header cannot be a rate-limit key: the key and what the upstream sees
-/// could disagree.
+/// could disagree. `Host` is one: an absolute-form target replaces it, so
+/// counting by `Host` would give `GET http://app/` with a new `Host` each
+/// time a new budget each time.
 pub(crate) fn rewritten_on_the_way(name: &HeaderName) -> bool {
     dropped(name, &[])
+        || *name == header::HOST
         || *name == header::EXPECT
         || *name == header::X_FORWARDED_FOR
         || claims_to_forward(name)

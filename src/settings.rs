@@ -913,7 +913,13 @@ mod tests {
 
     #[test]
     fn key_header_cannot_be_hop_by_hop() {
-        for header in ["connection", "x-forwarded-for", "forwarded", "x_api_key"] {
+        for header in [
+            "connection",
+            "x-forwarded-for",
+            "forwarded",
+            "x_api_key",
+            "host",
+        ] {
             let err = load(&[("FLOODGATE_KEY", &format!("header:{header}"))]).unwrap_err();
             assert!(err.to_string().contains("dropped or rewritten"), "{err}");
         }
