@@ -6,13 +6,14 @@
 //! | `Downstream` (bad key, refused method) | 400 / 405 |
 //! | client stopped sending its body | 408 |
 //! | request body past `FLOODGATE_MAX_BODY` | 413 |
-//! | upstream refused, reset or spoke garbage | 502 |
-//! | upstream answered nothing in time | 504 |
+//! | upstream refused, reset, closed or spoke garbage | 502 |
+//! | upstream answered nothing in time (our deadline, or the OS timing out) | 504 |
 //! | limiter state unavailable under `closed` policy | 503 |
 //! | anything else | 500 |
 //!
 //! Bodies are one short line of text; the details go to the log, once, here.
 
+use std::io;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
@@ -20,6 +21,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 
 use crate::key::KeyError;
+use crate::proxy::client::ExchangeError;
 
 /// A request that could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +44,11 @@ pub enum ProxyError {
     /// The client's body could not be read (it disconnected, or framed it badly).
     #[error("reading the request body: {0}")]
     ClientBody(String),
-    /// The upstream refused the connection, reset it, or answered garbage.
+    /// The upstream refused the connection, reset it, closed it, or answered
+    /// garbage; an I/O failure keeps its [`io::ErrorKind`]
+    /// ([`ExchangeError::io_kind`]).
     #[error("upstream unavailable: {0}")]
-    UpstreamConnect(String),
+    Upstream(#[source] ExchangeError),
     /// The upstream did not answer within the timeout.
     #[error("upstream timed out after {0:?}")]
     UpstreamTimeout(Duration),
@@ -64,7 +68,10 @@ impl ResponseError for ProxyError {
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(err) => match err.io_kind() {
+                Some(io::ErrorKind::TimedOut) => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            },
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::LimiterUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -125,12 +132,59 @@ impl ProxyError {
                 format!("Payload Too Large: the request body may be at most {max} bytes\n")
             }
             ProxyError::ClientBody(_) => "Bad Request: unreadable request body\n".into(),
-            ProxyError::UpstreamConnect(_) => "Bad Gateway\n".into(),
-            ProxyError::UpstreamTimeout(_) => "Gateway Timeout\n".into(),
+            ProxyError::Upstream(_) | ProxyError::UpstreamTimeout(_) => match self.status_code() {
+                StatusCode::GATEWAY_TIMEOUT => "Gateway Timeout\n".into(),
+                _ => "Bad Gateway\n".into(),
+            },
             ProxyError::LimiterUnavailable { .. } => {
                 "Service Unavailable: rate limiter unavailable\n".into()
             }
             ProxyError::Internal(_) => "Internal Server Error\n".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(kind: io::ErrorKind) -> ProxyError {
+        ProxyError::Upstream(ExchangeError::Connect(kind.into()))
+    }
+
+    #[test]
+    fn upstream_failures_map_by_their_kind() {
+        for (err, status) in [
+            (upstream(io::ErrorKind::ConnectionRefused), 502),
+            (upstream(io::ErrorKind::ConnectionReset), 502),
+            (upstream(io::ErrorKind::HostUnreachable), 502),
+            (upstream(io::ErrorKind::TimedOut), 504),
+            (
+                ProxyError::Upstream(ExchangeError::Receive(io::ErrorKind::TimedOut.into())),
+                504,
+            ),
+            (ProxyError::Upstream(ExchangeError::Closed), 502),
+            (ProxyError::Upstream(ExchangeError::Invalid("bad")), 502),
+            (ProxyError::UpstreamTimeout(Duration::from_secs(1)), 504),
+        ] {
+            assert_eq!(err.status_code().as_u16(), status, "{err}");
+        }
+        let res = upstream(io::ErrorKind::TimedOut).error_response();
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    #[test]
+    fn the_io_error_is_kept_as_the_source() {
+        let err = upstream(io::ErrorKind::ConnectionRefused);
+        let mut source = std::error::Error::source(&err);
+        let mut kind = None;
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                kind = Some(io.kind());
+            }
+            source = e.source();
+        }
+        assert_eq!(kind, Some(io::ErrorKind::ConnectionRefused));
+        assert!(err.to_string().contains("refused"), "{err}");
     }
 }

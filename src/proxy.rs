@@ -75,6 +75,7 @@ pub struct Upstream {
     client_timeout: Duration,
     websocket_idle_timeout: Duration,
     host_header: HostHeader,
+    reuse_after_body: bool,
     trusted: ClientIp,
     metrics: Arc<Metrics>,
     max_body: Option<u64>,
@@ -119,6 +120,7 @@ impl Upstream {
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             websocket_idle_timeout: DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
             host_header: HostHeader::Client,
+            reuse_after_body: false,
             trusted: ClientIp::new(),
             metrics: Arc::default(),
             max_body: None,
@@ -144,6 +146,14 @@ impl Upstream {
 
     pub fn host_header(mut self, host: HostHeader) -> Self {
         self.host_header = host;
+        self
+    }
+
+    /// Whether an upstream connection that carried a request body may be
+    /// reused (`FLOODGATE_UPSTREAM_REUSE_AFTER_BODY`; default no: such a
+    /// request goes with `Connection: close`). See [`client`] for why.
+    pub fn reuse_after_body(mut self, reuse: bool) -> Self {
+        self.reuse_after_body = reuse;
         self
     }
 
@@ -190,9 +200,12 @@ impl Upstream {
 
     /// Counts an upstream failure on its way to the client.
     fn count(&self, err: ProxyError) -> ProxyError {
-        match err {
-            ProxyError::UpstreamConnect(_) => self.metrics.upstream_connect_errors.inc(),
+        match &err {
             ProxyError::UpstreamTimeout(_) => self.metrics.upstream_timeouts.inc(),
+            ProxyError::Upstream(e) if e.io_kind() == Some(std::io::ErrorKind::TimedOut) => {
+                self.metrics.upstream_timeouts.inc()
+            }
+            ProxyError::Upstream(_) => self.metrics.upstream_connect_errors.inc(),
             _ => {}
         }
         err
@@ -225,7 +238,9 @@ pub fn configure(upstream: Upstream) -> impl Fn(&mut web::ServiceConfig) + Clone
         let host = upstream.authority.host();
         let port = upstream.authority.port_u16().unwrap_or(80);
         let forwarder = Forwarder {
-            client: Rc::new(UpstreamClient::new(host, port)),
+            client: Rc::new(
+                UpstreamClient::new(host, port).reuse_after_body(upstream.reuse_after_body),
+            ),
             upstream: upstream.clone(),
         };
         cfg.app_data(web::Data::new(forwarder))
@@ -271,7 +286,9 @@ pub async fn forward(
     };
 
     let timeout = upstream.timeout;
-    let (body, progress, tunnel) = if websocket || (body_len.is_none() && !chunked) {
+    let (body, progress, tunnel) = if websocket {
+        (client::RequestBody::Upgrade, None, Some(payload))
+    } else if body_len.is_none() && !chunked {
         (client::RequestBody::None, None, Some(payload))
     } else {
         let progress = Progress::new();
@@ -364,14 +381,20 @@ fn exchange_error(err: ExchangeError, timeout: Duration) -> ProxyError {
         ExchangeError::Body(BodyError::ClientIdle(after)) => ProxyError::ClientTimeout(after),
         ExchangeError::Body(BodyError::TooLarge(max)) => ProxyError::PayloadTooLarge(max),
         ExchangeError::Body(err) => ProxyError::ClientBody(err.to_string()),
-        other => ProxyError::UpstreamConnect(other.to_string()),
+        other => ProxyError::Upstream(other),
     }
 }
 
 /// The client's answer: the upstream's status, end-to-end headers and body.
+/// If the upstream answered before the client's body was all read, the
+/// client's connection closes after it (the rest of that body is not read).
 fn respond(mut res: HttpResponse, answer: Answer) -> HttpResponse {
     let status = answer.status;
     *res.status_mut() = status;
+    if answer.interrupted {
+        res.head_mut()
+            .set_connection_type(actix_http::ConnectionType::Close);
+    }
     if status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -448,9 +471,12 @@ fn dropped(name: &HeaderName, named: &[HeaderName]) -> bool {
 /// Whether floodgate may drop or rewrite a header called `name` on its way
 /// to the upstream, whoever sends it (see [`write_request_head`]). Such a
 /// header cannot be a rate-limit key: the key and what the upstream sees
-/// could disagree.
+/// could disagree. `Host` is one: an absolute-form target replaces it, so
+/// counting by `Host` would give `GET http://app/` with a new `Host` each
+/// time a new budget each time.
 pub(crate) fn rewritten_on_the_way(name: &HeaderName) -> bool {
     dropped(name, &[])
+        || *name == header::HOST
         || *name == header::EXPECT
         || *name == header::X_FORWARDED_FOR
         || claims_to_forward(name)
@@ -551,6 +577,10 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// * `X-Forwarded-Proto` and `X-Forwarded-Host` are set unless a trusted proxy
 ///   already set them; `Forwarded` and `X-Real-IP` pass only from a trusted
 ///   proxy.
+///
+/// For an absolute-form target (`GET http://a/x`) the target's authority is
+/// the host, and the client's `Host` is ignored (RFC 9112 §3.2.2), unless
+/// the upstream's own host is configured.
 fn write_request_head(
     out: &mut BytesMut,
     req: &HttpRequest,
@@ -572,6 +602,11 @@ fn write_request_head(
     out.extend_from_slice(target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
+    // Only absolute-form targets have an authority: no allocation otherwise.
+    let target_host = req.uri().authority().map(|a| match a.port() {
+        Some(port) => format!("{}:{}", a.host(), port.as_str()),
+        None => a.host().to_owned(),
+    });
     let headers = req.headers();
     let mut has_host = false;
     for (name, value) in headers.iter() {
@@ -584,7 +619,7 @@ fn write_request_head(
             continue;
         }
         if *name == header::HOST {
-            if upstream.host_header == HostHeader::Upstream {
+            if upstream.host_header == HostHeader::Upstream || target_host.is_some() {
                 continue;
             }
             has_host = true;
@@ -592,7 +627,11 @@ fn write_request_head(
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !has_host {
-        line(out, b"host", upstream.authority.as_str().as_bytes());
+        let host = match (&target_host, upstream.host_header) {
+            (Some(host), HostHeader::Client) => host.as_str(),
+            _ => upstream.authority.as_str(),
+        };
+        line(out, b"host", host.as_bytes());
     }
     if let Some(peer) = peer {
         out.extend_from_slice(b"x-forwarded-for: ");
@@ -609,9 +648,12 @@ fn write_request_head(
         line(out, b"x-forwarded-proto", b"http");
     }
     if !(trusted && headers.contains_key(X_FORWARDED_HOST))
-        && let Some(host) = headers.get(header::HOST)
+        && let Some(host) = target_host
+            .as_deref()
+            .map(str::as_bytes)
+            .or_else(|| headers.get(header::HOST).map(HeaderValue::as_bytes))
     {
-        line(out, b"x-forwarded-host", host.as_bytes());
+        line(out, b"x-forwarded-host", host);
     }
     if websocket {
         line(out, b"upgrade", b"websocket");
@@ -737,6 +779,28 @@ mod tests {
             "{head}"
         );
         assert!(head.contains("x-forwarded-for: 192.0.2.9\r\n"));
+    }
+
+    #[test]
+    fn an_absolute_form_targets_authority_replaces_host() {
+        for (target, host) in [
+            ("http://a.example/x", "a.example"),
+            ("http://a.example:8081/x", "a.example:8081"),
+            ("http://user@a.example/x", "a.example"),
+            ("http://[2001:db8::1]:8081/x", "[2001:db8::1]:8081"),
+        ] {
+            let req = TestRequest::get()
+                .uri(target)
+                .insert_header(("host", "b.example"));
+            let head = head_for(req, false);
+            assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
+            assert!(head.contains(&format!("\r\nhost: {host}\r\n")), "{head}");
+            assert!(
+                head.contains(&format!("\r\nx-forwarded-host: {host}\r\n")),
+                "{head}"
+            );
+            assert!(!head.contains("b.example"), "{head}");
+        }
     }
 
     #[test]

@@ -107,6 +107,7 @@ impl Floodgate {
             .websocket_idle_timeout(settings.websocket_idle_timeout)
             .host_header(settings.host_header)
             .max_body(settings.max_body)
+            .reuse_after_body(settings.upstream_reuse_after_body)
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
         let rate_limit = RateLimit::new(backend.clone(), limit)

@@ -46,6 +46,7 @@ pub const KEYS: &[&str] = &[
     "client_timeout",
     "host_header",
     "max_body",
+    "upstream_reuse_after_body",
     "rate",
     "burst",
     "key",
@@ -130,6 +131,7 @@ pub struct Settings {
     pub host_header: HostHeader,
     /// Longest request body in bytes; `None`: unlimited.
     pub max_body: Option<u64>,
+    pub upstream_reuse_after_body: bool,
     pub rate: Rate,
     pub burst: NonZeroU32,
     pub key: KeyKind,
@@ -448,6 +450,7 @@ impl<'a> Raw<'a> {
             _ => Err("expected client or upstream".into()),
         });
         let max_body = self.parse("max_body", parse_size).flatten();
+        let upstream_reuse_after_body = self.required("upstream_reuse_after_body", parse_bool);
         let rate = self.required("rate", |s| Rate::from_str(s).map_err(|e| e.to_string()));
         let burst = match self.get("burst") {
             None => rate.map(|r| r.count()),
@@ -538,6 +541,7 @@ impl<'a> Raw<'a> {
             client_timeout: client_timeout?,
             host_header: host_header?,
             max_body,
+            upstream_reuse_after_body: upstream_reuse_after_body?,
             rate: rate?,
             burst: burst?,
             key: key?,
@@ -586,6 +590,14 @@ fn list(s: &str) -> impl Iterator<Item = &str> {
 }
 
 // === parsers: Ok(value) or Err(what is accepted) ===
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse() {
@@ -737,6 +749,7 @@ mod tests {
         assert_eq!(s.max_connections, 10_000);
         assert!(s.workers >= 1);
         assert_eq!(s.host_header, HostHeader::Client);
+        assert!(!s.upstream_reuse_after_body);
     }
 
     #[test]
@@ -866,6 +879,28 @@ mod tests {
     }
 
     #[test]
+    fn upstream_reuse_after_body_is_a_bool() {
+        assert!(
+            load(&[("FLOODGATE_UPSTREAM_REUSE_AFTER_BODY", "TRUE")])
+                .unwrap()
+                .upstream_reuse_after_body
+        );
+        let err = load(&[("FLOODGATE_UPSTREAM_REUSE_AFTER_BODY", "yes")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "FLOODGATE_UPSTREAM_REUSE_AFTER_BODY=\"yes\": expected true or false"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("reuse.toml");
+        std::fs::write(&toml, "upstream_reuse_after_body = true\n").unwrap();
+        assert!(
+            load(&[("FLOODGATE_CONFIG", toml.to_str().unwrap())])
+                .unwrap()
+                .upstream_reuse_after_body
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
@@ -955,7 +990,13 @@ mod tests {
 
     #[test]
     fn key_header_cannot_be_hop_by_hop() {
-        for header in ["connection", "x-forwarded-for", "forwarded", "x_api_key"] {
+        for header in [
+            "connection",
+            "x-forwarded-for",
+            "forwarded",
+            "x_api_key",
+            "host",
+        ] {
             let err = load(&[("FLOODGATE_KEY", &format!("header:{header}"))]).unwrap_err();
             assert!(err.to_string().contains("dropped or rewritten"), "{err}");
         }

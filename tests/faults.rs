@@ -479,3 +479,57 @@ fn upstream_failures_are_counted_in_metrics() {
         "{text}"
     );
 }
+
+// === strict framing of answers ===
+
+#[test]
+fn answers_with_ambiguous_framing_are_a_502_and_never_pooled() {
+    for (what, answer) in [
+        (
+            "signed length",
+            &b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello"[..],
+        ),
+        (
+            "length with a space inside",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5 5\r\n\r\nhello",
+        ),
+        (
+            "length and chunked",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "gzip, chunked",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "gzip alone",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        ),
+        (
+            "chunked twice",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+    ] {
+        let answer = answer.to_vec();
+        // Answers every request on a connection the same way, keeping it open.
+        let up = raw_upstream(move |stream| {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut stream = stream;
+            while !read_head(&mut reader).is_empty() {
+                if stream.write_all(&answer).is_err() {
+                    return;
+                }
+            }
+        });
+        let fg = proxy(up.addr())
+            .rate(GENEROUS)
+            .env("FLOODGATE_WORKERS", "1")
+            .run();
+        for i in 0..2 {
+            let (res, _) = exchange(fg.addr, &get_raw("/"), QUICK);
+            let res = res.unwrap_or_else(|e| panic!("{what}: no answer: {e}"));
+            assert_eq!(res.status, 502, "{what}, request {i}: {}", res.text());
+        }
+        assert_eq!(up.connections(), 2, "{what}: the connection is not reused");
+    }
+}

@@ -554,3 +554,341 @@ fn client_claims_about_forwarding_and_underscore_headers_are_not_passed_on() {
     );
     assert_eq!(rec.header("x-real-ip"), Some("192.0.2.1"));
 }
+
+// === what one client can do to the next (pooled connections) ===
+
+/// Reads request heads off one upstream connection until EOF; `answer`
+/// writes the answer to each (it gets the head's first line) and says
+/// whether to go on.
+fn serve_heads(
+    stream: std::net::TcpStream,
+    mut answer: impl FnMut(&str, &mut std::net::TcpStream) -> bool,
+) {
+    use std::io::BufReader;
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut stream = stream;
+    loop {
+        let head = support::upstream::read_head(&mut reader);
+        let Some(line) = head.lines().next() else {
+            return;
+        };
+        if !answer(line, &mut stream) {
+            return;
+        }
+    }
+}
+
+/// An answer whose body is the request's target.
+fn echo_target(line: &str, stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Write;
+    let target = line.split(' ').nth(1).unwrap_or("?");
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{target}",
+        target.len()
+    )
+    .is_ok()
+}
+
+#[test]
+fn a_second_answer_sent_after_a_head_never_reaches_the_next_client() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    // The upstream answers HEAD, then (once told to) writes a second,
+    // unasked-for answer on the same connection.
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (written_tx, written_rx) = mpsc::channel::<()>();
+    let go = std::sync::Mutex::new(go_rx);
+    let written = std::sync::Mutex::new(written_tx);
+    let up = support::raw_upstream(move |stream| {
+        // "Written" must mean sent, not held back by Nagle until the next
+        // request's ACK (a stray answer still in flight when the next request
+        // goes out cannot be told from that request's answer).
+        stream.set_nodelay(true).unwrap();
+        serve_heads(stream, |line, stream| {
+            use std::io::Write;
+            if !line.starts_with("HEAD ") {
+                return echo_target(line, stream);
+            }
+            if stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                .is_err()
+            {
+                return false;
+            }
+            let told = go.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            let ok = told.is_ok()
+                && stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+                    .is_ok();
+            let _ = written.lock().unwrap().send(());
+            ok
+        })
+    });
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_WORKERS", "1")
+        .run();
+    for i in 0..3 {
+        let res = request(fg.addr, "HEAD", "/head", &[], b"");
+        assert_eq!(res.status, 200, "round {i}");
+        go_tx.send(()).unwrap();
+        written_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the upstream wrote its stray answer");
+        let next = format!("/next/{i}");
+        let res = request(fg.addr, "GET", &next, &[], b"");
+        assert_eq!(
+            (res.status, res.text()),
+            (200, next),
+            "round {i}: the next client gets its own answer"
+        );
+    }
+}
+
+#[test]
+fn idle_connections_the_upstream_writes_to_or_closes_are_dropped_at_once() {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    for misbehaviour in ["stray bytes", "close"] {
+        // Once its answer is in (and its connection back in the pool), the
+        // upstream writes bytes nobody asked for, or closes its side, and
+        // reports how soon floodgate closed the connection. No request
+        // follows that could find out at checkout.
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go = std::sync::Mutex::new(go_rx);
+        let (tx, rx) = mpsc::channel::<Option<Duration>>();
+        let tx = std::sync::Mutex::new(tx);
+        let up = support::raw_upstream(move |stream| {
+            let _ = support::upstream::read_request(&stream);
+            let mut stream = stream;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            let _ = go.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            let start = Instant::now();
+            if misbehaviour == "close" {
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+            } else {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx");
+            }
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let closed = matches!(stream.read(&mut [0; 64]), Ok(0) | Err(_))
+                && start.elapsed() < Duration::from_secs(5);
+            let _ = tx.lock().unwrap().send(closed.then(|| start.elapsed()));
+        });
+        let fg = proxy(up.addr()).rate(GENEROUS).run();
+        // The whole answer reached the client, so its connection is pooled.
+        assert_eq!(request(fg.addr, "GET", "/", &[], b"").text(), "ok");
+        go_tx.send(()).unwrap();
+        let closed = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the upstream reports");
+        assert!(
+            closed.is_some_and(|after| after < Duration::from_secs(1)),
+            "{misbehaviour}: floodgate kept an idle connection that turned readable ({closed:?})"
+        );
+    }
+}
+
+#[test]
+fn an_unasked_for_101_is_a_502_and_the_connection_is_closed() {
+    let up = scripted_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        usize::MAX,
+    );
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_WORKERS", "1")
+        .run();
+    for i in 0..2 {
+        let res = request(fg.addr, "GET", "/plain", &[], b"");
+        assert_eq!(res.status, 502, "request {i}: {}", res.text());
+    }
+    assert_eq!(up.connections(), 2, "the connection is never reused");
+}
+
+#[test]
+fn requests_with_a_body_go_with_connection_close_unless_reuse_is_enabled() {
+    let (up, heads) = raw_recording_upstream();
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_WORKERS", "1")
+        .run();
+    for (method, body) in [("POST", &b"payload"[..]), ("PUT", b"x"), ("GET", b"")] {
+        assert_eq!(request(fg.addr, method, "/", &[], body).status, 200);
+        let head = heads.recv().unwrap().to_ascii_lowercase();
+        assert_eq!(
+            head.contains("\r\nconnection: close\r\n"),
+            !body.is_empty(),
+            "{method}:\n{head}"
+        );
+    }
+    let chunked = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
+    assert_eq!(send(fg.addr, chunked).status, 200);
+    let head = heads.recv().unwrap().to_ascii_lowercase();
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+
+    // An upstream that keeps every connection open: a POST's connection is
+    // still never reused, unless the operator says so.
+    for (reuse, connections) in [("false", 5), ("true", 1)] {
+        let up = scripted_upstream(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            usize::MAX,
+        );
+        let fg = proxy(up.addr())
+            .rate(GENEROUS)
+            .env("FLOODGATE_WORKERS", "1")
+            .env("FLOODGATE_UPSTREAM_REUSE_AFTER_BODY", reuse)
+            .run();
+        for _ in 0..5 {
+            assert_eq!(request(fg.addr, "POST", "/", &[], b"body").status, 200);
+        }
+        assert_eq!(up.connections(), connections, "reuse after body: {reuse}");
+    }
+}
+
+#[test]
+fn an_upstream_that_ignores_a_body_cannot_run_it_as_requests() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    // A CL.0 upstream: it answers without reading the body and takes the
+    // body's bytes for the next request, unless told `Connection: close`.
+    let (tx, rx) = mpsc::channel::<Vec<String>>();
+    let tx = std::sync::Mutex::new(tx);
+    let up = support::raw_upstream(move |stream| {
+        use std::io::{BufReader, Write};
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut stream = stream;
+        let mut seen = Vec::new();
+        loop {
+            let head = support::upstream::read_head(&mut reader);
+            let Some(line) = head.lines().next() else {
+                break;
+            };
+            seen.push(line.split(' ').nth(1).unwrap_or("?").to_owned());
+            let _ = echo_target(line, &mut stream);
+            if head
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n")
+            {
+                break;
+            }
+        }
+        let _ = stream.flush();
+        let _ = tx.lock().unwrap().send(seen);
+    });
+    let fg = proxy(up.addr())
+        .rate("1/h")
+        .env("FLOODGATE_WORKERS", "1")
+        .run();
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n".repeat(50);
+    let res = request(fg.addr, "POST", "/counted", &[], smuggled.as_bytes());
+    assert_eq!((res.status, res.text().as_str()), (200, "/counted"));
+    let seen = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the upstream connection ends");
+    assert_eq!(seen, vec!["/counted"], "the body ran as requests");
+    let res = request(fg.addr, "GET", "/later", &[], b"");
+    assert_eq!(res.status, 429, "one request an hour: {}", res.text());
+}
+
+#[test]
+fn an_early_answer_stops_the_upload_and_its_connection_is_not_reused() {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    use std::time::Duration;
+    // With or without reuse after a body: the interrupted connection is
+    // never pooled.
+    for reuse in [None, Some("true")] {
+        // The upstream answers the head of an upload at once (keep-alive, as if
+        // it would read on), then counts the body bytes that still arrive.
+        let (tx, rx) = mpsc::channel::<usize>();
+        let tx = std::sync::Mutex::new(tx);
+        let up = support::raw_upstream(move |stream| {
+            use std::io::BufReader;
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let head = support::upstream::read_head(&mut reader);
+            let mut stream = stream;
+            if head.starts_with("GET ") {
+                let _ = echo_target(head.lines().next().unwrap(), &mut stream);
+                return;
+            }
+            let _ = stream.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\nno\n");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+            let _ = tx
+                .lock()
+                .unwrap()
+                .send(rest.iter().filter(|&&b| b == b'L').count());
+        });
+        let mut fg = proxy(up.addr())
+            .rate(GENEROUS)
+            .env("FLOODGATE_WORKERS", "1");
+        if let Some(reuse) = reuse {
+            fg = fg.env("FLOODGATE_UPSTREAM_REUSE_AFTER_BODY", reuse);
+        }
+        let fg = fg.run();
+        let stream = support::client::connect_within(fg.addr, Duration::from_secs(5));
+        let mut writer = &stream;
+        writer
+            .write_all(
+                b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\nearly bytes",
+            )
+            .unwrap();
+        // The answer comes while most of the body is still unsent.
+        let mut reader = std::io::BufReader::new(&stream);
+        let res = support::client::read_response(&mut reader, false).expect("the early answer");
+        assert_eq!((res.status, res.text().as_str()), (403, "no\n"));
+        assert_eq!(
+            res.header("connection"),
+            Some("close"),
+            "the rest of the client's body was never read"
+        );
+        // What the client sends now never reaches the upstream.
+        let _ = writer.write_all(&[b'L'; 100_000]);
+        let late = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("floodgate closes the upstream connection");
+        assert_eq!(late, 0, "late body bytes reached the upstream");
+        assert_eq!(request(fg.addr, "GET", "/next", &[], b"").text(), "/next");
+        assert_eq!(
+            up.connections(),
+            2,
+            "reuse after body {reuse:?}: the interrupted connection is not reused"
+        );
+    }
+}
+
+#[test]
+fn an_absolute_form_targets_authority_is_the_host_the_upstream_sees() {
+    let up = upstream().run();
+    let fg = proxy(up.addr()).rate(GENEROUS).run();
+    for (target, host) in [
+        ("http://a.example/x?y=1", "a.example"),
+        ("http://a.example:8081/x?y=1", "a.example:8081"),
+    ] {
+        let raw = support::client::build("GET", target, &[("Host", "b.example")], b"");
+        assert_eq!(send(fg.addr, &raw).status, 200, "{target}");
+        let rec = up.recorded().pop().unwrap();
+        assert_eq!(rec.uri, "/x?y=1");
+        assert_eq!(rec.header_all("host"), vec![host], "{target}");
+        assert_eq!(rec.header("x-forwarded-host"), Some(host), "{target}");
+    }
+
+    let up = upstream().run();
+    let fg = proxy(up.addr())
+        .rate(GENEROUS)
+        .env("FLOODGATE_HOST_HEADER", "upstream")
+        .run();
+    let raw = support::client::build("GET", "http://a.example/x", &[("Host", "b.example")], b"");
+    assert_eq!(send(fg.addr, &raw).status, 200);
+    assert_eq!(
+        up.only().header_all("host"),
+        vec![up.addr().to_string().as_str()]
+    );
+}

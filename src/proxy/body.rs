@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 /// Why a body stream ended early.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("client sent no body bytes for {0:?}")]
     ClientIdle(Duration),
@@ -30,8 +30,12 @@ pub enum BodyError {
     TooLarge(u64),
     #[error("upstream sent no body bytes for {0:?}")]
     UpstreamIdle(Duration),
+    /// The upstream's body was malformed or cut short.
     #[error("{0}")]
     Upstream(String),
+    /// Reading the upstream's body failed (reset, timed out, ...).
+    #[error("reading the upstream's body: {0}")]
+    UpstreamIo(#[source] std::io::Error),
 }
 
 // === Progress ===

@@ -14,20 +14,48 @@
 //! closed mid-body.
 //!
 //! The pool is per worker (no locks): most recently used connection first,
-//! idle connections closed after [`POOL_IDLE`]. A bodiless idempotent request
-//! that fails on a reused connection before any byte of an answer arrived is
-//! sent again once on a fresh connection: that is the upstream having closed
-//! the connection while it was idle, not an upstream fault (nginx's
-//! `proxy_next_upstream error` does the same).
+//! idle connections closed after [`POOL_IDLE`]. A pooled connection carries
+//! nothing but the next answer, or one client would read another's:
+//!
+//! * a connection goes back to the pool only after a complete exchange: the
+//!   whole request sent, the whole answer read, nothing left over in its
+//!   buffer, and neither side asked to close;
+//! * while idle it is watched: the reactor wakes the worker's pool watcher
+//!   when an idle connection turns readable (bytes nobody asked for, or the
+//!   upstream closing), and the watcher drops it, as nginx's keepalive close
+//!   handler does and as hyper's per-connection task does for its pool;
+//! * at checkout it is checked once more with a non-blocking peek at the
+//!   socket itself, for bytes that arrived since the reactor last looked;
+//! * a request with a body gets `Connection: close` and its connection is
+//!   not pooled, unless the operator trusts the upstream to read every body
+//!   ([`UpstreamClient::reuse_after_body`]): an upstream that answers without
+//!   reading the body would otherwise take the body's bytes for the next
+//!   requests on that connection (a CL.0 desync), run them uncounted and
+//!   send their answers to later clients;
+//! * an upstream that answers (or closes) before the request body is all
+//!   sent stops the upload there; that connection is never pooled.
+//!
+//! A bodiless idempotent request that fails on a reused connection before any
+//! byte of an answer arrived is sent again once on a fresh connection: that is
+//! the upstream having closed the connection while it was idle, not an
+//! upstream fault (nginx's `proxy_next_upstream error` does the same).
+//!
+//! Answers are framed strictly, as requests are (hyper's `role.rs` is the
+//! model): `Content-Length` is digits only, `Transfer-Encoding` is exactly
+//! `chunked` (floodgate decodes no other coding, so it cannot pass one on
+//! re-framed), never both, and a `101` answers only an upgrade. Anything else
+//! is an invalid answer: a `502`, and the connection is closed.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::rc::Rc;
-use std::task::{Context, Poll, ready};
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -35,9 +63,10 @@ use actix_web::http::{Method, StatusCode, Version};
 use actix_web::rt::net::TcpStream;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use smallvec::SmallVec;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 
 use super::body::{BodyError, IdleTimer};
 
@@ -55,9 +84,6 @@ const MAX_HEADERS: usize = 96;
 /// Largest answer head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
-/// Idle time after which a pooled connection is checked before reuse.
-const VERIFY_AFTER_IDLE: Duration = Duration::from_millis(250);
-
 /// Largest first body chunk copied into the head's write rather than
 /// written on its own.
 const COALESCE_MAX: usize = 16 * 1024;
@@ -65,15 +91,16 @@ const COALESCE_MAX: usize = 16 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Why an exchange with the upstream failed.
+/// Why an exchange with the upstream failed. The I/O failures keep their
+/// [`io::Error`] (see [`ExchangeError::io_kind`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
     #[error("connecting to the upstream: {0}")]
-    Connect(io::Error),
+    Connect(#[source] io::Error),
     #[error("sending the request: {0}")]
-    Send(io::Error),
+    Send(#[source] io::Error),
     #[error("reading the answer: {0}")]
-    Receive(io::Error),
+    Receive(#[source] io::Error),
     #[error("the upstream closed the connection without answering")]
     Closed,
     #[error("the upstream sent an invalid answer: {0}")]
@@ -95,13 +122,39 @@ impl ExchangeError {
             ExchangeError::Send(_) | ExchangeError::Receive(_) | ExchangeError::Closed
         )
     }
+
+    /// What kind of I/O failure this was (refused, reset, timed out, ...),
+    /// if it was one.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            ExchangeError::Connect(err)
+            | ExchangeError::Send(err)
+            | ExchangeError::Receive(err) => Some(err.kind()),
+            _ => None,
+        }
+    }
 }
 
-/// A request body on its way: nothing, `Content-Length` bytes, or chunked.
+/// What follows a request's head: nothing, `Content-Length` bytes, chunks,
+/// or (for a WebSocket handshake, which has no body) a tunnel once the
+/// upstream answers `101`.
 pub enum RequestBody<S> {
     None,
     Sized(u64, S),
     Chunked(S),
+    /// No body; the request asks to switch protocols, so a `101` may answer it.
+    Upgrade,
+}
+
+impl<S> RequestBody<S> {
+    /// Whether body bytes follow the head.
+    fn has_bytes(&self) -> bool {
+        match self {
+            RequestBody::None | RequestBody::Upgrade => false,
+            RequestBody::Sized(len, _) => *len > 0,
+            RequestBody::Chunked(_) => true,
+        }
+    }
 }
 
 /// The head of the upstream's answer; its end-to-end headers went into the
@@ -112,6 +165,10 @@ pub struct Answer {
     pub has_body: bool,
     /// The `Content-Length` the answer declared (also for `HEAD`).
     pub content_length: Option<u64>,
+    /// The upstream answered (or failed) before the whole request body was
+    /// sent: the rest of the client's body was never read, so the client's
+    /// connection must close after this answer.
+    pub interrupted: bool,
     pub body: ResponseBody,
 }
 
@@ -120,13 +177,28 @@ struct Conn {
     io: TcpStream,
     read: BytesMut,
     write: BytesMut,
+    /// Rung by the reactor when the connection turns readable while idle.
+    alarm: Arc<Alarm>,
 }
+
+/// An idle connection and since when.
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+type IdleList = RefCell<VecDeque<Idle>>;
 
 /// One worker's connections to the upstream.
 pub struct UpstreamClient {
     host: String,
     port: u16,
-    idle: RefCell<VecDeque<(Conn, Instant)>>,
+    reuse_after_body: bool,
+    idle: Rc<IdleList>,
+    /// Wakes the worker's pool watcher ([`watch_idle`]) when an idle
+    /// connection's alarm rang.
+    bell: Arc<Notify>,
+    watching: Cell<bool>,
 }
 
 impl UpstreamClient {
@@ -138,8 +210,20 @@ impl UpstreamClient {
                 .trim_end_matches(']')
                 .to_owned(),
             port,
-            idle: RefCell::new(VecDeque::new()),
+            reuse_after_body: false,
+            idle: Rc::default(),
+            bell: Arc::default(),
+            watching: Cell::new(false),
         }
+    }
+
+    /// Whether a connection that carried a request body may be pooled
+    /// (default: no). Only for an upstream trusted to read every body it is
+    /// sent, or to close the connection when it does not: one that answers
+    /// without reading it takes the body's bytes for requests.
+    pub fn reuse_after_body(mut self, reuse: bool) -> Self {
+        self.reuse_after_body = reuse;
+        self
     }
 
     /// A new connection, not from the pool.
@@ -158,54 +242,71 @@ impl UpstreamClient {
             io,
             read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(4096),
+            alarm: self.alarm(),
         })
     }
 
-    /// The most recently used idle connection still fit for reuse.
-    ///
-    /// One idle longer than [`VERIFY_AFTER_IDLE`] is first checked without
-    /// blocking: if the upstream closed it (or, wrongly, sent bytes nobody
-    /// asked for) it is dropped. nginx keeps watching its idle upstream
-    /// connections for the same reason. Connections reused sooner are not
-    /// checked: under load that would cost a system call per request, and an
-    /// upstream rarely closes a connection that quickly.
+    /// A new connection's alarm, ringing this pool's watcher.
+    fn alarm(&self) -> Arc<Alarm> {
+        Arc::new(Alarm {
+            rang: AtomicBool::new(false),
+            bell: self.bell.clone(),
+        })
+    }
+
+    /// The most recently used idle connection still fit for reuse: one the
+    /// upstream has neither closed nor written to since (one peek at the
+    /// socket; the watcher drops most such connections before this).
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
-        while let Some((conn, since)) = idle.pop_back() {
-            let idle_for = since.elapsed();
-            if idle_for >= POOL_IDLE {
+        while let Some(Idle { conn, since }) = idle.pop_back() {
+            if since.elapsed() >= POOL_IDLE {
                 // Everything older is older still.
                 idle.clear();
                 return None;
             }
-            if idle_for < VERIFY_AFTER_IDLE || conn.is_quiet() {
+            if conn.is_quiet() {
                 return Some(conn);
             }
+            log::debug!("dropping a pooled upstream connection: closed, or bytes nobody asked for");
         }
         None
     }
 
     fn checkin(&self, conn: Conn) {
+        conn.alarm.rang.store(false, Ordering::Relaxed);
+        if !conn.watch() {
+            log::debug!("not pooling an upstream connection: closed, or bytes nobody asked for");
+            return;
+        }
         let mut idle = self.idle.borrow_mut();
         while idle
             .front()
-            .is_some_and(|(_, since)| since.elapsed() >= POOL_IDLE)
+            .is_some_and(|entry| entry.since.elapsed() >= POOL_IDLE)
         {
             idle.pop_front();
         }
         if idle.len() < POOL_MAX {
-            idle.push_back((conn, Instant::now()));
+            idle.push_back(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+        if !self.watching.replace(true) {
+            actix_web::rt::spawn(watch_idle(Rc::downgrade(&self.idle), self.bell.clone()));
         }
     }
 
     /// Sends a request and reads the head of its answer. `write_head` writes
     /// the request line and headers (each line ending in CRLF, without the
-    /// blank line); the body's framing header and the blank line are added
-    /// here, from `body` alone: the client's own `Content-Length` and
-    /// `Transfer-Encoding` never reach the upstream. The answer's end-to-end
-    /// headers are put into `headers` (the client response's own map, so none
-    /// is built twice); its body streams from [`Answer::body`], and the
-    /// connection goes back to the pool once that is read to its end.
+    /// blank line); the body's framing header (and `Connection: close` for a
+    /// body, see [`reuse_after_body`](Self::reuse_after_body)) and the blank
+    /// line are added here, from `body` alone: the client's own
+    /// `Content-Length` and `Transfer-Encoding` never reach the upstream. The
+    /// answer's end-to-end headers are put into `headers` (the client
+    /// response's own map, so none is built twice); its body streams from
+    /// [`Answer::body`], and the connection goes back to the pool once that
+    /// is read to its end.
     pub async fn exchange<S>(
         self: &Rc<Self>,
         method: &Method,
@@ -217,8 +318,10 @@ impl UpstreamClient {
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
     {
+        let reusable = self.reuse_after_body || !body.has_bytes();
+        let upgrade = matches!(body, RequestBody::Upgrade);
         let (framing, sized): (&[u8], Option<u64>) = match &body {
-            RequestBody::None => (b"", None),
+            RequestBody::None | RequestBody::Upgrade => (b"", None),
             RequestBody::Sized(len, _) => (b"content-length: ", Some(*len)),
             RequestBody::Chunked(_) => (b"transfer-encoding: chunked\r\n", None),
         };
@@ -230,6 +333,9 @@ impl UpstreamClient {
                 out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
+            if !reusable {
+                out.extend_from_slice(b"connection: close\r\n");
+            }
             out.extend_from_slice(b"\r\n");
         };
 
@@ -239,14 +345,17 @@ impl UpstreamClient {
             // find out: send, and if it fails before any byte of an answer
             // arrived, send again on a fresh connection (as nginx's
             // `proxy_next_upstream error` does).
-            Some(mut conn) if matches!(body, RequestBody::None) && method.is_idempotent() => {
+            Some(mut conn)
+                if matches!(body, RequestBody::None | RequestBody::Upgrade)
+                    && method.is_idempotent() =>
+            {
                 head(&mut conn.write);
                 let answered = match conn.send_buffered().await {
-                    Ok(()) => conn.read_head(method, headers).await,
+                    Ok(()) => conn.read_head(method, upgrade, headers).await,
                     Err(err) => Err(err),
                 };
                 match answered {
-                    Ok(parsed) => return Ok(self.answer(conn, parsed, idle_timeout)),
+                    Ok(parsed) => return Ok(self.answer(conn, parsed, false, idle_timeout)),
                     Err(err) if err.dead_connection() => {
                         log::debug!(
                             "reused upstream connection was dead ({err}); retrying on a new one"
@@ -262,29 +371,46 @@ impl UpstreamClient {
 
         head(&mut conn.write);
         let sent = match body {
-            RequestBody::None => conn.send_buffered().await,
-            RequestBody::Sized(len, stream) => conn.send_sized(len, stream).await,
-            RequestBody::Chunked(stream) => conn.send_chunked(stream).await,
+            RequestBody::None | RequestBody::Upgrade => {
+                conn.send_buffered().await.map(|()| Sent::Complete)
+            }
+            RequestBody::Sized(len, stream) => conn.send_body(Frame::Sized(len), stream).await,
+            RequestBody::Chunked(stream) => conn.send_body(Frame::Chunked, stream).await,
         };
         match sent {
-            Ok(()) => {}
-            // The upstream may have answered early (413, 401) and closed:
-            // relay that answer rather than the failed write.
-            Err(ExchangeError::Send(err)) => match conn.read_head(method, headers).await {
+            Ok(Sent::Complete) => {
+                let mut parsed = conn.read_head(method, upgrade, headers).await?;
+                parsed.keep_alive &= reusable;
+                Ok(self.answer(conn, parsed, false, idle_timeout))
+            }
+            // The upstream answered early (413, 401) or closed: relay what it
+            // said, and never pool the connection.
+            Ok(Sent::Interrupted) => {
+                let mut parsed = conn.read_head(method, upgrade, headers).await?;
+                parsed.keep_alive = false;
+                Ok(self.answer(conn, parsed, true, idle_timeout))
+            }
+            // Likewise if it closed and the write failed: relay its answer,
+            // if it sent one, rather than the failed write.
+            Err(ExchangeError::Send(err)) => match conn.read_head(method, upgrade, headers).await {
                 Ok(mut parsed) => {
                     parsed.keep_alive = false;
-                    return Ok(self.answer(conn, parsed, idle_timeout));
+                    Ok(self.answer(conn, parsed, true, idle_timeout))
                 }
-                Err(_) => return Err(ExchangeError::Send(err)),
+                Err(_) => Err(ExchangeError::Send(err)),
             },
-            Err(err) => return Err(err),
+            Err(err) => Err(err),
         }
-        let parsed = conn.read_head(method, headers).await?;
-        Ok(self.answer(conn, parsed, idle_timeout))
     }
 
     /// The answer, with its body framed as its head says.
-    fn answer(self: &Rc<Self>, conn: Conn, parsed: Parsed, idle_timeout: Duration) -> Answer {
+    fn answer(
+        self: &Rc<Self>,
+        conn: Conn,
+        parsed: Parsed,
+        interrupted: bool,
+        idle_timeout: Duration,
+    ) -> Answer {
         let mut body = ResponseBody {
             state: match parsed.framing {
                 Framing::None | Framing::Length(0) => State::Done,
@@ -305,6 +431,7 @@ impl UpstreamClient {
             status: parsed.status,
             has_body: parsed.framing != Framing::None,
             content_length: parsed.content_length,
+            interrupted,
             body,
         }
     }
@@ -328,6 +455,66 @@ struct Parsed {
     keep_alive: bool,
 }
 
+// === idle watching ===
+
+/// An idle connection's waker: the reactor calls it when the connection
+/// turns readable, which for an idle connection means stray bytes or the
+/// upstream closing. It only marks the connection and rings the worker's
+/// bell; the watcher does the rest on the worker's own thread.
+struct Alarm {
+    rang: AtomicBool,
+    bell: Arc<Notify>,
+}
+
+impl Wake for Alarm {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.rang.store(true, Ordering::Relaxed);
+        self.bell.notify_one();
+    }
+}
+
+/// The worker's pool watcher: each time an alarm rings, drops the idle
+/// connections that turned readable. Ends with the pool.
+async fn watch_idle(idle: Weak<IdleList>, bell: Arc<Notify>) {
+    loop {
+        bell.notified().await;
+        let Some(idle) = idle.upgrade() else {
+            return;
+        };
+        idle.borrow_mut().retain(|entry| {
+            let conn = &entry.conn;
+            let keep = !conn.alarm.rang.swap(false, Ordering::Relaxed) || conn.watch();
+            if !keep {
+                log::debug!(
+                    "dropping an idle upstream connection: closed, or bytes nobody asked for"
+                );
+            }
+            keep
+        });
+    }
+}
+
+// === sending ===
+
+/// How a request body goes on the wire.
+#[derive(Clone, Copy)]
+enum Frame {
+    /// This many bytes still to come.
+    Sized(u64),
+    Chunked,
+}
+
+/// How sending a request ended.
+enum Sent {
+    Complete,
+    /// The upstream answered or closed first; the rest was not sent.
+    Interrupted,
+}
+
 impl Conn {
     /// Writes the write buffer out.
     async fn send_buffered(&mut self) -> Result<(), ExchangeError> {
@@ -337,68 +524,149 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends the buffered head and exactly `len` body bytes from `stream`; a
-    /// small first chunk goes out in the same write as the head (as in
-    /// [`send_chunked`](Self::send_chunked)), so a small upload costs the
-    /// upstream one segment, not two.
-    async fn send_sized<S>(&mut self, len: u64, mut stream: S) -> Result<(), ExchangeError>
+    /// Sends the buffered head and then `stream` as `frame` says, while
+    /// watching the upstream: once it has sent a complete answer (or
+    /// closed), sending stops and the answer is read at once. A small first
+    /// chunk that is already there goes out in the same write as the head,
+    /// so a small upload costs the upstream one segment, not two; chunked
+    /// bodies go out one write per chunk, sized ones as they come.
+    async fn send_body<S>(&mut self, frame: Frame, mut stream: S) -> Result<Sent, ExchangeError>
     where
         S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
     {
-        let mut left = len;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(ExchangeError::Body)?;
-            left = left.checked_sub(chunk.len() as u64).ok_or_else(|| {
-                ExchangeError::Body(BodyError::Client(
-                    "more body than its Content-Length".into(),
-                ))
-            })?;
-            if !self.write.is_empty() && chunk.len() <= COALESCE_MAX {
-                // The head is still buffered: one write for both.
-                self.write.extend_from_slice(&chunk);
-                self.send_buffered().await?;
+        let mut upload = Upload {
+            frame,
+            chunk: Bytes::new(),
+            first: true,
+            finished: false,
+        };
+        std::future::poll_fn(|cx| self.poll_send(cx, &mut upload, &mut stream)).await
+    }
+
+    fn poll_send<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        up: &mut Upload,
+        stream: &mut S,
+    ) -> Poll<Result<Sent, ExchangeError>>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
+    {
+        loop {
+            if up.finished && self.write.is_empty() && up.chunk.is_empty() {
+                return Poll::Ready(Ok(Sent::Complete));
+            }
+            // The upstream speaking (or closing) first ends the upload.
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Ok(Sent::Interrupted)),
+                Poll::Ready(Ok(_)) if answered(&self.read) => {
+                    return Poll::Ready(Ok(Sent::Interrupted));
+                }
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending => {}
+            }
+            // The next piece of body, once the previous one is out (or, the
+            // first time, to go out with the head).
+            if !up.finished && up.chunk.is_empty() && (self.write.is_empty() || up.first) {
+                match Pin::new(&mut *stream).poll_next(cx) {
+                    Poll::Ready(Some(Ok(chunk))) => {
+                        self.frame_chunk(up, chunk)?;
+                        up.first = false;
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(err))) => {
+                        return Poll::Ready(Err(ExchangeError::Body(err)));
+                    }
+                    Poll::Ready(None) => {
+                        match up.frame {
+                            Frame::Sized(0) => {}
+                            Frame::Sized(_) => {
+                                return Poll::Ready(Err(ExchangeError::Body(BodyError::Client(
+                                    "less body than its Content-Length".into(),
+                                ))));
+                            }
+                            Frame::Chunked => self.write.extend_from_slice(b"0\r\n\r\n"),
+                        }
+                        up.finished = true;
+                        up.first = false;
+                        continue;
+                    }
+                    // Waiting for the client; the head goes out meanwhile.
+                    Poll::Pending if up.first && !self.write.is_empty() => up.first = false,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let Conn { io, write, .. } = self;
+            let out: &mut dyn Buf = if write.is_empty() {
+                &mut up.chunk
             } else {
-                self.send_buffered().await?;
-                self.io
-                    .write_all(&chunk)
-                    .await
-                    .map_err(ExchangeError::Send)?;
+                write
+            };
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, out.chunk()))
+                .map_err(ExchangeError::Send)?;
+            if n == 0 {
+                return Poll::Ready(Err(ExchangeError::Send(io::ErrorKind::WriteZero.into())));
             }
+            out.advance(n);
         }
-        if left > 0 {
-            return Err(ExchangeError::Body(BodyError::Client(
-                "less body than its Content-Length".into(),
-            )));
-        }
-        // The head, if the body was empty.
-        self.send_buffered().await
     }
 
-    /// Sends the buffered head, then `stream` in chunked framing, one write
-    /// per chunk.
-    async fn send_chunked<S>(&mut self, mut stream: S) -> Result<(), ExchangeError>
-    where
-        S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
-    {
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(ExchangeError::Body)?;
-            if chunk.is_empty() {
-                continue;
+    /// Puts one body chunk on its way: into the write buffer (chunked, or a
+    /// small first chunk joining the head), or as it is.
+    fn frame_chunk(&mut self, up: &mut Upload, chunk: Bytes) -> Result<(), ExchangeError> {
+        match &mut up.frame {
+            Frame::Sized(left) => {
+                *left = left.checked_sub(chunk.len() as u64).ok_or_else(|| {
+                    ExchangeError::Body(BodyError::Client(
+                        "more body than its Content-Length".into(),
+                    ))
+                })?;
+                if !self.write.is_empty() && chunk.len() <= COALESCE_MAX {
+                    self.write.extend_from_slice(&chunk);
+                } else {
+                    up.chunk = chunk;
+                }
             }
-            write!(&mut self.write, "{:x}\r\n", chunk.len()).expect("a BytesMut grows");
-            self.write.extend_from_slice(&chunk);
-            self.write.extend_from_slice(b"\r\n");
-            self.send_buffered().await?;
+            Frame::Chunked if chunk.is_empty() => {}
+            Frame::Chunked => {
+                write!(&mut self.write, "{:x}\r\n", chunk.len()).expect("a BytesMut grows");
+                self.write.extend_from_slice(&chunk);
+                self.write.extend_from_slice(b"\r\n");
+            }
         }
-        self.write.extend_from_slice(b"0\r\n\r\n");
-        self.send_buffered().await
+        Ok(())
     }
 
-    /// Whether an idle connection has nothing to read: not closed by the
-    /// upstream, and no stray bytes. Costs one non-blocking read.
+    /// Whether the connection has nothing to read: not closed by the
+    /// upstream, and no stray bytes. One non-blocking peek at the socket
+    /// itself (not the reactor's view, which may lag behind).
     fn is_quiet(&self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(self.io.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+        matches!(
+            socket2::SockRef::from(&self.io).peek(&mut byte),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+
+    /// Sets the connection's alarm to ring when it turns readable; false if
+    /// it already is (stray bytes, or closed), so it must not be pooled.
+    /// Costs no system call unless the reactor saw it readable.
+    fn watch(&self) -> bool {
+        let waker = Waker::from(self.alarm.clone());
+        let mut cx = Context::from_waker(&waker);
+        // Readiness may be left over from the last read; a read that finds
+        // nothing clears it, and the second poll then registers the alarm.
+        for _ in 0..2 {
+            match self.io.poll_read_ready(&mut cx) {
+                Poll::Pending => return true,
+                Poll::Ready(Err(_)) => return false,
+                Poll::Ready(Ok(())) => match self.io.try_read(&mut [0u8; 1]) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    _ => return false,
+                },
+            }
+        }
+        false
     }
 
     /// Reads more into the read buffer; `Ok(0)` at EOF.
@@ -416,15 +684,17 @@ impl Conn {
     /// Reads and parses an answer's head, skipping interim answers (100
     /// Continue, 103 Early Hints), which are not relayed. After one, a lost
     /// connection is no longer a dead idle one (see `dead_connection`).
+    /// `upgrade`: whether the request asked to switch protocols.
     async fn read_head(
         &mut self,
         method: &Method,
+        upgrade: bool,
         headers: &mut HeaderMap,
     ) -> Result<Parsed, ExchangeError> {
         let mut interim = false;
         loop {
             if !self.read.is_empty() {
-                match parse_head(&mut self.read, method, headers)? {
+                match parse_head(&mut self.read, method, upgrade, headers)? {
                     Some(parsed)
                         if parsed.status.is_informational()
                             && parsed.status != StatusCode::SWITCHING_PROTOCOLS =>
@@ -454,10 +724,47 @@ impl Conn {
     }
 }
 
+/// A request body's progress in [`Conn::send_body`].
+struct Upload {
+    frame: Frame,
+    /// A chunk being written as it is (not copied into the write buffer).
+    chunk: Bytes,
+    /// Nothing of the body pulled yet: the head still waits in the write
+    /// buffer for a small first chunk to join it.
+    first: bool,
+    /// The whole body is framed; what is buffered is the last of it.
+    finished: bool,
+}
+
+/// Whether `buf` holds a complete final answer head (after any interim
+/// ones), or something that is no answer at all: either way there is no
+/// point sending more of the request body.
+fn answered(buf: &[u8]) -> bool {
+    let mut rest = buf;
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut slots);
+        match response.parse(rest) {
+            Ok(httparse::Status::Complete(len)) => match response.code {
+                Some(code) if (100..200).contains(&code) && code != 101 => rest = &rest[len..],
+                _ => return true,
+            },
+            Ok(httparse::Status::Partial) => return rest.len() >= MAX_HEAD,
+            Err(_) => return true,
+        }
+        if rest.is_empty() {
+            return false;
+        }
+    }
+}
+
 /// Parses a complete head off the front of `buf`, or `None` if incomplete.
+/// `upgrade`: whether the request asked to switch protocols (only then may
+/// the answer be a `101`).
 fn parse_head(
     buf: &mut BytesMut,
     method: &Method,
+    upgrade: bool,
     headers: &mut HeaderMap,
 ) -> Result<Option<Parsed>, ExchangeError> {
     let mut slots: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS] =
@@ -491,7 +798,6 @@ fn parse_head(
     let mut named: Vec<HeaderName> = Vec::new();
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
-    let mut transfer_coded = false;
     let mut spans: SmallVec<[(usize, usize, usize, usize); 16]> = SmallVec::new();
     for h in response.headers.iter() {
         let n = h.name.as_ptr() as usize - base;
@@ -511,24 +817,34 @@ fn parse_head(
                 }
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or(ExchangeError::Invalid("bad content-length"))?;
+            let n = digits(h.value.trim_ascii())
+                .ok_or(ExchangeError::Invalid("content-length is not a number"))?;
             if content_length.is_some_and(|m| m != n) {
                 return Err(ExchangeError::Invalid("conflicting content-length"));
             }
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            transfer_coded = true;
-            chunked = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // Exactly one coding, chunked: floodgate decodes no other, and
+            // re-framing a body it cannot read would change the message.
+            if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(ExchangeError::Invalid(
+                    "transfer coding other than one chunked",
+                ));
+            }
+            chunked = true;
         }
     }
+    if chunked && content_length.is_some() {
+        return Err(ExchangeError::Invalid(
+            "both content-length and transfer-encoding",
+        ));
+    }
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    if switching && !upgrade {
+        return Err(ExchangeError::Invalid(
+            "101 to a request that asked for no upgrade",
+        ));
+    }
     let head = buf.split_to(len).freeze();
     headers.clear();
     for (ns, ne, vs, ve) in spans {
@@ -552,23 +868,13 @@ fn parse_head(
         Framing::Close
     } else if no_body {
         Framing::None
-    } else if transfer_coded {
-        // RFC 9112 §6.3: chunked last means chunked; any other coding runs
-        // until close, and Content-Length is ignored either way.
-        if chunked {
-            Framing::Chunked
-        } else {
-            Framing::Close
-        }
+    } else if chunked {
+        Framing::Chunked
     } else if let Some(n) = content_length {
         Framing::Length(n)
     } else {
         Framing::Close
     };
-    if transfer_coded {
-        content_length = None;
-        headers.remove(header::CONTENT_LENGTH);
-    }
     let keep_alive = !connection_close && !matches!(framing, Framing::Close);
     Ok(Some(Parsed {
         status,
@@ -576,6 +882,20 @@ fn parse_head(
         framing,
         keep_alive,
     }))
+}
+
+/// A `Content-Length` value: 1*DIGIT (RFC 9110 §8.6), no sign, no spaces,
+/// no list; `None` if it is not one or overflows.
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
 }
 
 // === ResponseBody ===
@@ -719,7 +1039,7 @@ impl ResponseBody {
                     ))));
                 }
                 Ok(_) => {}
-                Err(err) => return Poll::Ready(Some(Err(BodyError::Upstream(err.to_string())))),
+                Err(err) => return Poll::Ready(Some(Err(BodyError::UpstreamIo(err)))),
             }
         }
     }
@@ -762,7 +1082,7 @@ mod tests {
     fn parse(raw: &[u8], method: Method) -> (Parsed, HeaderMap) {
         let mut buf = BytesMut::from(raw);
         let mut headers = HeaderMap::new();
-        let parsed = parse_head(&mut buf, &method, &mut headers)
+        let parsed = parse_head(&mut buf, &method, false, &mut headers)
             .unwrap()
             .unwrap();
         (parsed, headers)
@@ -773,21 +1093,17 @@ mod tests {
         let (p, _) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET);
         assert_eq!(p.framing, Framing::Length(5));
         assert!(p.keep_alive);
-        let (p, h) = parse(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
+        let (p, _) = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(p.framing, Framing::Length(5), "the same length twice");
+        let (p, _) = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n",
             Method::GET,
         );
         assert_eq!(p.framing, Framing::Chunked);
         assert_eq!(p.content_length, None);
-        assert!(
-            !h.contains_key(header::CONTENT_LENGTH),
-            "never both framings"
-        );
-        let (p, _) = parse(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
-            Method::GET,
-        );
-        assert_eq!(p.framing, Framing::Close);
         let (p, _) = parse(b"HTTP/1.1 200 OK\r\n\r\n", Method::GET);
         assert_eq!(p.framing, Framing::Close);
         assert!(!p.keep_alive);
@@ -833,21 +1149,150 @@ mod tests {
         for raw in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             b"NOT HTTP\r\n\r\n",
         ] {
             let mut buf = BytesMut::from(raw);
             assert!(
-                parse_head(&mut buf, &Method::GET, &mut HeaderMap::new()).is_err(),
+                parse_head(&mut buf, &Method::GET, false, &mut HeaderMap::new()).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(raw)
             );
         }
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-"[..]);
         assert!(
-            parse_head(&mut partial, &Method::GET, &mut HeaderMap::new())
+            parse_head(&mut partial, &Method::GET, false, &mut HeaderMap::new())
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_101_answers_an_upgrade_only() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"[..],
+        );
+        let mut headers = HeaderMap::new();
+        let parsed = parse_head(&mut buf, &Method::GET, true, &mut headers)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(parsed.framing, Framing::Close);
+        assert_eq!(headers.get(header::UPGRADE).unwrap(), "websocket");
+    }
+
+    #[test]
+    fn an_upload_stops_at_a_complete_final_answer() {
+        assert!(!answered(b""));
+        assert!(!answered(b"HTTP/1.1 403 Forbidden\r\nContent-"));
+        assert!(!answered(b"HTTP/1.1 100 Continue\r\n\r\n"));
+        assert!(!answered(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 4"));
+        assert!(answered(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Too Large\r\n\r\n"
+        ));
+        assert!(answered(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(answered(b"garbage, not an answer\r\n\r\n"));
+    }
+
+    #[test]
+    fn typed_errors_keep_the_io_kind() {
+        let err = ExchangeError::Connect(io::ErrorKind::ConnectionRefused.into());
+        assert_eq!(err.io_kind(), Some(io::ErrorKind::ConnectionRefused));
+        let source = std::error::Error::source(&err).expect("the io::Error is the source");
+        assert_eq!(
+            source.downcast_ref::<io::Error>().map(io::Error::kind),
+            Some(io::ErrorKind::ConnectionRefused)
+        );
+        assert_eq!(ExchangeError::Closed.io_kind(), None);
+    }
+
+    // === the pool, against a real socket ===
+
+    /// A client for a local listener.
+    fn client() -> (Rc<UpstreamClient>, std::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        (Rc::new(UpstreamClient::new("127.0.0.1", port)), listener)
+    }
+
+    /// A new connection, and the upstream's end of it.
+    async fn open(
+        client: &UpstreamClient,
+        listener: &std::net::TcpListener,
+    ) -> (Conn, std::net::TcpStream) {
+        let conn = client.fresh().await.unwrap();
+        let (upstream, _) = listener.accept().unwrap();
+        (conn, upstream)
+    }
+
+    #[actix_web::test]
+    async fn checkout_peeks_at_the_socket_itself() {
+        use std::io::Write;
+        let (client, listener) = client();
+        let (conn, mut upstream) = open(&client, &listener).await;
+        client.checkin(conn);
+        // Bytes nobody asked for, just now: no reactor turn has seen them
+        // yet, only the socket has.
+        upstream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+        assert!(client.checkout().is_none(), "a connection with stray bytes");
+
+        let (conn, upstream) = open(&client, &listener).await;
+        client.checkin(conn);
+        drop(upstream);
+        assert!(
+            client.checkout().is_none(),
+            "a connection the upstream closed"
+        );
+
+        let (conn, _upstream) = open(&client, &listener).await;
+        client.checkin(conn);
+        assert!(client.checkout().is_some(), "a quiet connection is reused");
+    }
+
+    #[actix_web::test]
+    async fn the_watcher_drops_idle_connections_that_turn_readable() {
+        use std::io::Write;
+        for closes in [false, true] {
+            let (client, listener) = client();
+            let (quiet, quiet_upstream) = open(&client, &listener).await;
+            let (noisy, mut noisy_upstream) = open(&client, &listener).await;
+            client.checkin(quiet);
+            client.checkin(noisy);
+            assert_eq!(client.idle.borrow().len(), 2);
+            if closes {
+                noisy_upstream.shutdown(std::net::Shutdown::Write).unwrap();
+            } else {
+                noisy_upstream.write_all(b"stray").unwrap();
+            }
+            // No checkout happens: only the watcher can notice.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while client.idle.borrow().len() > 1 {
+                assert!(
+                    Instant::now() < deadline,
+                    "closes={closes}: the idle connection was never dropped"
+                );
+                actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+            }
+            let left = client.checkout().expect("the quiet connection stays");
+            assert_eq!(
+                left.io.peer_addr().unwrap(),
+                quiet_upstream.local_addr().unwrap()
+            );
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 //! Property tests for the upstream answer's parsers: the head
 //! ([`parse_head`]), the body decoder ([`ResponseBody`], over a real loopback
-//! connection) and the chunked encoder ([`Conn::send_chunked`]).
+//! connection) and the chunked encoder ([`Conn::send_body`] with [`Frame::Chunked`]).
 //!
 //! `PROPTEST_CASES` raises the number of cases (see the README).
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -110,17 +111,18 @@ fn head() -> impl Strategy<Value = Head> {
 fn parse(
     raw: &[u8],
     method: &Method,
+    upgrade: bool,
 ) -> (Result<Option<Parsed>, ExchangeError>, BytesMut, HeaderMap) {
     let mut buf = BytesMut::from(raw);
     let mut headers = HeaderMap::new();
-    let parsed = parse_head(&mut buf, method, &mut headers);
+    let parsed = parse_head(&mut buf, method, upgrade, &mut headers);
     (parsed, buf, headers)
 }
 
 proptest! {
     #[test]
     fn parse_head_never_panics_on_arbitrary_bytes(raw in vec(any::<u8>(), 0..512)) {
-        let _ = parse(&raw, &Method::GET);
+        let _ = parse(&raw, &Method::GET, false);
     }
 
     #[test]
@@ -133,22 +135,42 @@ proptest! {
             raw.extend_from_slice(b"\r\n");
         }
         raw.extend_from_slice(b"\r\n");
-        let _ = parse(&raw, &Method::GET);
+        let _ = parse(&raw, &Method::GET, false);
     }
 
-    /// What a parsed answer says about its framing is what its headers say,
-    /// the headers passed on carry no hop-by-hop or `Connection`-named
-    /// header, and the bytes after the head stay in the buffer for the body.
+    /// Framing is strict (every `Content-Length` is 1*DIGIT and they agree,
+    /// `Transfer-Encoding` is one `chunked` and never beside a length, a `101`
+    /// answers only an upgrade), what a parsed answer says about its framing
+    /// is what its headers say, the headers passed on carry no hop-by-hop or
+    /// `Connection`-named header, and the bytes after the head stay in the
+    /// buffer for the body.
     #[test]
     fn a_parsed_head_frames_as_its_headers_say(
         head in head(),
         head_method in any::<bool>(),
+        upgrade in any::<bool>(),
         rest in vec(any::<u8>(), 0..32),
     ) {
         let method = if head_method { Method::HEAD } else { Method::GET };
         let mut raw = head.bytes();
         raw.extend_from_slice(&rest);
-        let (parsed, buf, headers) = parse(&raw, &method);
+        let (parsed, buf, headers) = parse(&raw, &method, upgrade);
+
+        let strict_lengths = head
+            .values("content-length")
+            .all(|v| { let v = v.trim(); !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) });
+        let te: Vec<&str> = head.values("transfer-encoding").collect();
+        let one_chunked = te.len() == 1 && te[0].trim().eq_ignore_ascii_case("chunked");
+        let has_length = head.values("content-length").next().is_some();
+        if !strict_lengths {
+            prop_assert!(parsed.is_err(), "a Content-Length that is not 1*DIGIT must be refused");
+        }
+        if !te.is_empty() && (!one_chunked || has_length) {
+            prop_assert!(parsed.is_err(), "ambiguous or undecodable framing must be refused");
+        }
+        if head.status == 101 && !upgrade {
+            prop_assert!(parsed.is_err(), "a 101 nobody asked for must be refused");
+        }
 
         let lengths: Vec<&str> = head.values("content-length").collect();
         let distinct_lengths = {
@@ -212,12 +234,15 @@ proptest! {
 
 // === bodies over a real connection ===
 
-/// A current-thread runtime for one case (the client's types are not `Send`).
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
+/// Runs one case on a current-thread runtime inside a `LocalSet`, as on an
+/// actix worker (the client's types are not `Send`, and its pool spawns its
+/// idle watcher locally).
+fn block_on<F: std::future::Future>(case: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("a current-thread runtime")
+        .expect("a current-thread runtime");
+    tokio::task::LocalSet::new().block_on(&runtime, case)
 }
 
 /// A connected loopback pair: (the client's end, the upstream's end).
@@ -262,13 +287,15 @@ fn decode(
     already: usize,
     cuts: &[usize],
 ) -> (Vec<u8>, Option<BodyError>, usize) {
-    runtime().block_on(async {
+    block_on(async {
         let (io, mut upstream) = pair().await;
         let already = already.min(wire.len());
+        let client = Rc::new(UpstreamClient::new("127.0.0.1", 9));
         let conn = Conn {
             io,
             read: BytesMut::from(&wire[..already]),
             write: BytesMut::new(),
+            alarm: client.alarm(),
         };
         let mut pieces = Vec::new();
         let mut rest = &wire[already..];
@@ -288,14 +315,13 @@ fn decode(
             }
             let _ = upstream.shutdown().await;
         });
-        let client = Rc::new(UpstreamClient::new("127.0.0.1", 9));
         let parsed = Parsed {
             status: StatusCode::OK,
             content_length: None,
             framing,
             keep_alive: true,
         };
-        let answer = client.answer(conn, parsed, PATIENCE);
+        let answer = client.answer(conn, parsed, false, PATIENCE);
         let (got, err) = drain(answer.body).await;
         writer.abort();
         let pooled = client.idle.borrow().len();
@@ -446,17 +472,24 @@ proptest! {
         chunks in vec(vec(any::<u8>(), 0..1500), 0..8),
     ) {
         let head = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n";
-        let sent = runtime().block_on(async {
+        let sent = block_on(async {
             let (io, mut upstream) = pair().await;
             let reader = tokio::spawn(async move {
                 let mut all = Vec::new();
                 upstream.read_to_end(&mut all).await.map(|_| all)
             });
-            let mut conn = Conn { io, read: BytesMut::new(), write: BytesMut::from(&head[..]) };
+            let client = UpstreamClient::new("127.0.0.1", 9);
+            let mut conn = Conn {
+                io,
+                read: BytesMut::new(),
+                write: BytesMut::from(&head[..]),
+                alarm: client.alarm(),
+            };
             let stream = futures_util::stream::iter(
                 chunks.iter().map(|c| Ok::<_, BodyError>(Bytes::copy_from_slice(c))),
             );
-            conn.send_chunked(stream).await.expect("sending to loopback");
+            let sent = conn.send_body(Frame::Chunked, stream).await.expect("sending to loopback");
+            assert!(matches!(sent, Sent::Complete), "the upstream never answers here");
             drop(conn);
             tokio::time::timeout(PATIENCE, reader)
                 .await
