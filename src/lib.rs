@@ -47,6 +47,12 @@ pub mod proxy;
 pub mod server;
 pub mod settings;
 
+/// The README's Rust examples run as doctests, so it cannot show code that
+/// does not compile.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use error::ProxyError;
 pub use limiter::{
     Backend, BackendError, Decision, Health, Limit, MemoryBackend, Rate, RateKey, RedisBackend,

@@ -55,8 +55,8 @@ const BLOCKED_CAP: usize = 100_000;
 /// GCRA, as governor's `Gcra::test_and_update` (src/gcra.rs), in
 /// microseconds, for a batch of decisions taken at one instant, in order.
 ///
-/// KEYS[i] holds a key's TAT (theoretical arrival time), µs since the epoch;
-/// ARGV[2i-1] is its limit's `t` (emission interval) and ARGV[2i] its `tau`
+/// `KEYS[i]` holds a key's TAT (theoretical arrival time), µs since the epoch;
+/// `ARGV[2i-1]` is its limit's `t` (emission interval) and `ARGV[2i]` its `tau`
 /// (`t * (burst - 1)`). Returns one integer per key: the cells remaining
 /// (`>= 0`) when one was taken, `-1 - wait_µs` when not. The same key twice
 /// in a batch is two decisions, the second seeing the first.
