@@ -43,6 +43,7 @@ pub mod key;
 pub mod limiter;
 pub mod metrics;
 pub mod middleware;
+pub mod outage;
 pub mod proxy;
 pub mod server;
 pub mod settings;

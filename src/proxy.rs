@@ -39,6 +39,7 @@ use crate::error::ProxyError;
 use crate::headers::tokens;
 use crate::key::{ClientIp, canonical};
 use crate::metrics::Metrics;
+use crate::outage::OutageLog;
 
 use body::{BodyError, Progress, RequestBody};
 use client::{Answer, ExchangeError, UpstreamClient};
@@ -70,6 +71,8 @@ pub struct Upstream {
     host_header: HostHeader,
     trusted: ClientIp,
     metrics: Arc<Metrics>,
+    /// Shared by every clone: one outage is logged once, not per worker.
+    outage: Arc<OutageLog>,
 }
 
 /// Why an upstream URL was refused.
@@ -106,12 +109,13 @@ impl Upstream {
         }
         Ok(Upstream {
             url: uri,
-            authority,
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             host_header: HostHeader::Client,
             trusted: ClientIp::new(),
             metrics: Arc::default(),
+            outage: Arc::new(OutageLog::new(format!("upstream http://{authority}"))),
+            authority,
         })
     }
 
@@ -161,11 +165,18 @@ impl Upstream {
         }
     }
 
-    /// Counts an upstream failure on its way to the client.
+    /// Counts an upstream failure on its way to the client, and logs it as
+    /// part of an outage.
     fn count(&self, err: ProxyError) -> ProxyError {
         match err {
-            ProxyError::UpstreamConnect(_) => self.metrics.upstream_connect_errors.inc(),
-            ProxyError::UpstreamTimeout(_) => self.metrics.upstream_timeouts.inc(),
+            ProxyError::UpstreamConnect(_) => {
+                self.metrics.upstream_connect_errors.inc();
+                self.outage.record("answered 502", &err);
+            }
+            ProxyError::UpstreamTimeout(_) => {
+                self.metrics.upstream_timeouts.inc();
+                self.outage.record("answered 504", &err);
+            }
             _ => {}
         }
         err
@@ -262,6 +273,7 @@ pub async fn forward(
     let answer = deadline(exchange, timeout, progress)
         .await
         .map_err(|e| upstream.count(exchange_error(e, timeout)))?;
+    upstream.outage.recovered();
     match tunnel {
         Some(payload) if websocket && answer.status == StatusCode::SWITCHING_PROTOCOLS => {
             websocket::join(&req, payload.into_inner(), res, answer)

@@ -977,7 +977,9 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("headers=none "), "{line}");
-        for debug_name in ["Ietf", "Legacy", "Local", "Open", "Closed", "Client", "Upstream"] {
+        for debug_name in [
+            "Ietf", "Legacy", "Local", "Open", "Closed", "Client", "Upstream",
+        ] {
             assert!(!line.contains(debug_name), "{debug_name} in {line}");
         }
         assert_eq!(duration_text(Duration::from_micros(500)), "0.5ms");
