@@ -38,6 +38,8 @@ pub struct OutageLog {
 }
 
 impl OutageLog {
+    /// No outage yet; `subject` names what fails in every line
+    /// (`upstream http://web:80`, `rate limiter (redis backend)`).
     pub fn new(subject: impl Into<String>) -> Self {
         OutageLog {
             subject: subject.into(),
@@ -49,8 +51,10 @@ impl OutageLog {
     /// One request failed because of the dependency, and was `outcome`
     /// (`"answered 502"`); `cause` is this failure's error.
     pub fn record(&self, outcome: &'static str, cause: &dyn fmt::Display) {
-        let line = self.lock().record(Instant::now(), outcome, cause);
+        let mut tracker = self.lock();
+        let line = tracker.record(Instant::now(), outcome, cause);
         self.active.store(true, Ordering::Release);
+        drop(tracker);
         if let Some(line) = line {
             log::warn!("{}", line.text(&self.subject));
         }
