@@ -11,9 +11,11 @@ COPY settings ./settings
 # Cache mounts keep the crate registry and compiled dependencies between
 # builds (BuildKit and podman/buildah both honour them); the binary is copied
 # out because the target directory stays in the cache, not the layer.
+# Symbols are stripped here, not in Cargo.toml's release profile, so that a
+# release build on a host keeps them for profilers.
 RUN --mount=type=cache,id=floodgate-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=floodgate-target,target=/src/target \
-    cargo build --release --locked --bin floodgate \
+    CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked --bin floodgate \
     && cp target/release/floodgate /usr/local/bin/floodgate
 
 FROM debian:bookworm-slim
@@ -26,7 +28,8 @@ COPY --from=build /usr/local/bin/floodgate /usr/local/bin/floodgate
 COPY settings/default.toml /etc/floodgate/default.toml
 USER floodgate
 # In a container the admin endpoints must be reachable by the orchestrator;
-# publish 9000 only where you want it (compose does not publish it).
+# publish 9000 only where you want it (compose publishes it on the host's
+# loopback only).
 ENV FLOODGATE_LISTEN=0.0.0.0:8000 \
     FLOODGATE_ADMIN_LISTEN=0.0.0.0:9000
 EXPOSE 8000 9000

@@ -11,7 +11,9 @@
 //! | limiter state unavailable under `closed` policy | 503 |
 //! | anything else | 500 |
 //!
-//! Bodies are one short line of text; the details go to the log, once, here.
+//! Bodies are one short line of text; the details go to the log, once, here
+//! (at debug for failures of the upstream or the limiter, which
+//! [`OutageLog`](crate::outage::OutageLog) reports as outages).
 
 use std::io;
 use std::time::Duration;
@@ -89,6 +91,13 @@ impl ResponseError for ProxyError {
             }
             ProxyError::ClientTimeout(_) | ProxyError::ClientBody(_) => {
                 log::info!("client error: {self}")
+            }
+            // Traffic during an outage: the part that sees it (the forwarder,
+            // the middleware) logs the outage once and counts it.
+            ProxyError::Upstream(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::LimiterUnavailable { .. } => {
+                log::debug!("{self}; answering {}", status.as_u16())
             }
             _ => log::warn!("{self}; answering {}", status.as_u16()),
         }

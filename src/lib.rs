@@ -43,9 +43,16 @@ pub mod key;
 pub mod limiter;
 pub mod metrics;
 pub mod middleware;
+pub mod outage;
 pub mod proxy;
 pub mod server;
 pub mod settings;
+
+/// The README's Rust examples run as doctests, so it cannot show code that
+/// does not compile.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 pub use error::ProxyError;
 pub use limiter::{

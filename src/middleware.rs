@@ -18,8 +18,9 @@ use futures_util::future::{LocalBoxFuture, Ready, ready};
 use crate::error::ProxyError;
 use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
 use crate::key::{ClientIp, KeyExtractor};
-use crate::limiter::{Backend, Decision, Limit, RateKey};
+use crate::limiter::{Backend, Decision, Health, Limit, RateKey};
 use crate::metrics::Metrics;
+use crate::outage::OutageLog;
 
 /// What to do when the backend cannot decide (Redis down or slow).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,6 +64,8 @@ pub struct RateLimit {
     extractor: Arc<dyn KeyExtractor>,
     on_backend_error: FailurePolicy,
     metrics: Arc<Metrics>,
+    /// Backend failures as outages: shared by every clone (worker).
+    outage: Arc<OutageLog>,
 }
 
 impl RateLimit {
@@ -71,6 +74,10 @@ impl RateLimit {
     pub fn new(backend: Arc<dyn Backend>, limit: Limit) -> Self {
         RateLimit {
             headers: LimitHeaders::new(HeaderStyle::Ietf, &limit),
+            outage: Arc::new(OutageLog::new(format!(
+                "rate limiter ({} backend)",
+                backend.kind()
+            ))),
             backend,
             limit,
             extractor: Arc::new(ClientIp::new()),
@@ -232,7 +239,14 @@ where
                 None => config.backend.check(&config.limit, &key).await,
             };
             let decision = match checked {
-                Ok(decision) => decision,
+                Ok(decision) => {
+                    // A decision from a backend that reports itself healthy
+                    // (not one a cache made while it is down) ends an outage.
+                    if config.outage.is_active() && config.backend.health() == Health::Up {
+                        config.outage.recovered();
+                    }
+                    decision
+                }
                 Err(err) => return on_backend_error(config, req, &key, err, &service).await,
             };
             if let Decision::Limited { retry_after, .. } = decision {
@@ -268,6 +282,7 @@ where
     config.metrics.backend_errors.inc();
     match config.on_backend_error {
         FailurePolicy::Open => {
+            config.outage.record("let through unlimited", &err);
             log::debug!(
                 "{} backend failed, letting key={key} through: {err}",
                 config.backend.kind()
@@ -275,6 +290,7 @@ where
             Ok(service.call(req).await?.map_into_left_body())
         }
         FailurePolicy::Closed => {
+            config.outage.record("answered 503", &err);
             log::debug!(
                 "{} backend failed, refusing key={key}: {err}",
                 config.backend.kind()

@@ -42,6 +42,7 @@ use crate::error::ProxyError;
 use crate::headers::tokens;
 use crate::key::{ClientIp, canonical};
 use crate::metrics::Metrics;
+use crate::outage::OutageLog;
 
 use body::{BodyError, Progress, RequestBody};
 use client::{Answer, ExchangeError, UpstreamClient};
@@ -79,6 +80,8 @@ pub struct Upstream {
     trusted: ClientIp,
     metrics: Arc<Metrics>,
     max_body: Option<u64>,
+    /// Shared by every clone: one outage is logged once, not per worker.
+    outage: Arc<OutageLog>,
 }
 
 /// Why an upstream URL was refused.
@@ -115,7 +118,6 @@ impl Upstream {
         }
         Ok(Upstream {
             url: uri,
-            authority,
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             websocket_idle_timeout: DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
@@ -124,6 +126,8 @@ impl Upstream {
             trusted: ClientIp::new(),
             metrics: Arc::default(),
             max_body: None,
+            outage: Arc::new(OutageLog::new(format!("upstream http://{authority}"))),
+            authority,
         })
     }
 
@@ -198,14 +202,22 @@ impl Upstream {
         }
     }
 
-    /// Counts an upstream failure on its way to the client.
+    /// Counts an upstream failure on its way to the client, and logs it as
+    /// part of an outage.
     fn count(&self, err: ProxyError) -> ProxyError {
         match &err {
-            ProxyError::UpstreamTimeout(_) => self.metrics.upstream_timeouts.inc(),
-            ProxyError::Upstream(e) if e.io_kind() == Some(std::io::ErrorKind::TimedOut) => {
-                self.metrics.upstream_timeouts.inc()
+            ProxyError::UpstreamTimeout(_) => {
+                self.metrics.upstream_timeouts.inc();
+                self.outage.record("answered 504", &err);
             }
-            ProxyError::Upstream(_) => self.metrics.upstream_connect_errors.inc(),
+            ProxyError::Upstream(e) if e.io_kind() == Some(std::io::ErrorKind::TimedOut) => {
+                self.metrics.upstream_timeouts.inc();
+                self.outage.record("answered 504", &err);
+            }
+            ProxyError::Upstream(_) => {
+                self.metrics.upstream_connect_errors.inc();
+                self.outage.record("answered 502", &err);
+            }
             _ => {}
         }
         err
@@ -308,6 +320,7 @@ pub async fn forward(
     let answer = deadline(exchange, timeout, progress)
         .await
         .map_err(|e| upstream.count(exchange_error(e, timeout)))?;
+    upstream.outage.recovered();
     match tunnel {
         Some(payload) if websocket && answer.status == StatusCode::SWITCHING_PROTOCOLS => {
             websocket::join(

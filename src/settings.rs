@@ -255,31 +255,37 @@ impl Settings {
         }
     }
 
-    /// One line with the effective settings, for the startup log. No secrets.
+    /// One line with the effective settings, for the startup log, each value
+    /// spelled as it would be written in a settings file (`headers=ietf`,
+    /// `redis_timeout=50ms`). No secrets.
     pub fn summary(&self) -> String {
         let key = match &self.key {
             KeyKind::Ip => "ip".to_owned(),
             KeyKind::Header(name) => format!("header:{name}"),
         };
         let backend = match self.backend {
-            BackendKind::Memory => format!("memory (max {} keys)", self.max_keys),
-            BackendKind::Redis if !self.redis.cluster.is_empty() => format!(
-                "redis cluster {} (timeout {:?}, on failure {:?})",
-                self.redis
-                    .cluster
-                    .iter()
-                    .map(|u| redact_url(u))
-                    .collect::<Vec<_>>()
-                    .join(","),
-                self.redis.timeout,
-                self.redis.failure
-            ),
-            BackendKind::Redis => format!(
-                "redis {} (timeout {:?}, on failure {:?})",
-                redact_url(&self.redis.url),
-                self.redis.timeout,
-                self.redis.failure
-            ),
+            BackendKind::Memory => format!("memory max_keys={}", self.max_keys),
+            BackendKind::Redis => {
+                let redis = &self.redis;
+                let at = if redis.cluster.is_empty() {
+                    format!("redis_url={}", redact_url(&redis.url))
+                } else {
+                    format!(
+                        "redis_cluster={}",
+                        redis
+                            .cluster
+                            .iter()
+                            .map(|u| redact_url(u))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                };
+                format!(
+                    "redis {at} redis_timeout={} redis_failure={}",
+                    duration_text(redis.timeout),
+                    fallback_text(redis.failure)
+                )
+            }
         };
         let trusted = if self.trusted_proxies.is_empty() {
             "none".to_owned()
@@ -291,17 +297,68 @@ impl Settings {
                 .join(",")
         };
         format!(
-            "listen={} upstream={} limit={} burst {} key={key} trusted_proxies={trusted} backend={backend} \
-             headers={:?} admin={} workers={} upstream_timeout={:?}",
+            "listen={} upstream={} rate={} burst={} key={key} trusted_proxies={trusted} backend={backend} \
+             headers={} host_header={} admin_listen={} workers={} upstream_timeout={} client_timeout={} \
+             send_timeout={} websocket_idle_timeout={} max_connections={} max_body={} \
+             upstream_reuse_after_body={}",
             self.listen,
             self.upstream,
             self.rate,
             self.burst,
-            self.headers,
+            header_style_text(self.headers),
+            host_header_text(self.host_header),
             self.admin_listen,
             self.workers,
-            self.upstream_timeout,
+            duration_text(self.upstream_timeout),
+            duration_text(self.client_timeout),
+            duration_text(self.send_timeout),
+            duration_text(self.websocket_idle_timeout),
+            self.max_connections,
+            self.max_body.map_or("0".to_owned(), |n| n.to_string()),
+            self.upstream_reuse_after_body,
         )
+    }
+}
+
+// === values as the operator writes them (the inverse of the parsers) ===
+
+/// A duration in the largest unit [`parse_duration`] reads that shows it
+/// exactly: `50ms`, `30s`, `2m`, `1h`.
+fn duration_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        format!("{}ms", d.as_secs_f64() * 1000.0)
+    } else if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+fn header_style_text(style: HeaderStyle) -> &'static str {
+    match style {
+        HeaderStyle::Ietf => "ietf",
+        HeaderStyle::Legacy => "legacy",
+        HeaderStyle::None => "none",
+    }
+}
+
+fn host_header_text(host: HostHeader) -> &'static str {
+    match host {
+        HostHeader::Client => "client",
+        HostHeader::Upstream => "upstream",
+    }
+}
+
+fn fallback_text(fallback: Fallback) -> &'static str {
+    match fallback {
+        Fallback::Local => "local",
+        Fallback::Open => "open",
+        Fallback::Closed => "closed",
     }
 }
 
@@ -1031,6 +1088,59 @@ mod tests {
                 "no {needle:?} in\n{err}"
             );
         }
+    }
+
+    #[test]
+    fn the_startup_line_spells_values_as_settings_do() {
+        let s = load(&[("FLOODGATE_WORKERS", "2")]).unwrap();
+        assert_eq!(
+            s.summary(),
+            "listen=0.0.0.0:8000 upstream=http://127.0.0.1:8080 rate=10/min burst=10 key=ip \
+             trusted_proxies=none backend=memory max_keys=1000000 headers=ietf host_header=client \
+             admin_listen=127.0.0.1:9000 workers=2 upstream_timeout=30s client_timeout=1m \
+             send_timeout=30s websocket_idle_timeout=10m max_connections=10000 max_body=0 \
+             upstream_reuse_after_body=false"
+        );
+        let s = load(&[
+            ("FLOODGATE_BACKEND", "redis"),
+            ("FLOODGATE_REDIS_URL", "redis://:hunter2@cache:6379/1"),
+            ("FLOODGATE_REDIS_FAILURE", "Closed"),
+            ("FLOODGATE_REDIS_TIMEOUT", "1.5s"),
+            ("FLOODGATE_HEADERS", "legacy"),
+            ("FLOODGATE_HOST_HEADER", "upstream"),
+            ("FLOODGATE_UPSTREAM_TIMEOUT", "2h"),
+            ("FLOODGATE_CLIENT_TIMEOUT", "90"),
+        ])
+        .unwrap();
+        let line = s.summary();
+        for part in [
+            "backend=redis redis_url=redis://:***@cache:6379/1 redis_timeout=1500ms redis_failure=closed ",
+            "headers=legacy host_header=upstream ",
+            "upstream_timeout=2h client_timeout=90s",
+        ] {
+            assert!(line.contains(part), "{part:?} not in {line:?}");
+        }
+        let s = load(&[
+            ("FLOODGATE_BACKEND", "redis"),
+            ("FLOODGATE_REDIS_CLUSTER", "redis://a:7000,redis://b:7001"),
+            ("FLOODGATE_REDIS_FAILURE", "open"),
+            ("FLOODGATE_HEADERS", "none"),
+        ])
+        .unwrap();
+        let line = s.summary();
+        assert!(
+            line.contains(
+                "backend=redis redis_cluster=redis://a:7000,redis://b:7001 redis_timeout=50ms redis_failure=open "
+            ),
+            "{line}"
+        );
+        assert!(line.contains("headers=none "), "{line}");
+        for debug_name in [
+            "Ietf", "Legacy", "Local", "Open", "Closed", "Client", "Upstream",
+        ] {
+            assert!(!line.contains(debug_name), "{debug_name} in {line}");
+        }
+        assert_eq!(duration_text(Duration::from_micros(500)), "0.5ms");
     }
 }
 

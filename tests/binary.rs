@@ -394,8 +394,9 @@ fn startup_logs_one_serving_line_without_secrets() {
     for expected in [
         format!("listen={}", fg.addr),
         format!("upstream={upstream_url}"),
-        "limit=7/min".to_owned(),
-        format!("admin={}", fg.admin),
+        "rate=7/min".to_owned(),
+        format!("admin_listen={}", fg.admin),
+        "headers=ietf".to_owned(),
     ] {
         assert!(line.contains(&expected), "no {expected:?} in {line:?}");
     }

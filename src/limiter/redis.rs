@@ -21,6 +21,14 @@
 //! the middleware turns into "allow" (`open`) or 503 (`closed`). One warning
 //! marks the start of an outage and one its end.
 //!
+//! A Redis that refuses floodgate's credentials (`WRONGPASS`, `NOAUTH`, or
+//! `NOPERM` for an ACL user that may not run the script) is not an outage but
+//! a configuration error: it is logged once at `error` naming the cause, and
+//! `/readyz` answers 503 with it whatever the failure policy, so a rollout
+//! with the wrong password stops at its first replica. floodgate does not
+//! exit: the failure policy decides meanwhile, and the probe keeps asking,
+//! so fixing the password or the ACL on the Redis side heals it.
+//!
 //! Refusals are cached locally until their retry time: a key Redis has just
 //! refused cannot get a cell before then on any replica (no replica can take
 //! one, so its TAT cannot move), so answering those requests here is exact and
@@ -59,8 +67,8 @@ const BLOCKED_CAP: usize = 100_000;
 /// GCRA, as governor's `Gcra::test_and_update` (src/gcra.rs), in
 /// microseconds, for a batch of decisions taken at one instant, in order.
 ///
-/// KEYS[i] holds a key's TAT (theoretical arrival time), µs since the epoch;
-/// ARGV[2i-1] is its limit's `t` (emission interval) and ARGV[2i] its `tau`
+/// `KEYS[i]` holds a key's TAT (theoretical arrival time), µs since the epoch;
+/// `ARGV[2i-1]` is its limit's `t` (emission interval) and `ARGV[2i]` its `tau`
 /// (`t * (burst - 1)`). Returns one integer per key: the cells remaining
 /// (`>= 0`) when one was taken, `-1 - wait_µs` when not. The same key twice
 /// in a batch is two decisions, the second seeing the first.
@@ -313,6 +321,12 @@ impl Backend for RedisBackend {
         if state == State::Up {
             return Health::Up;
         }
+        if let Some(cause) = self.inner.circuit.refused() {
+            return Health::Down(format!(
+                "redis refuses floodgate: {cause}; {} until it accepts",
+                self.inner.policy()
+            ));
+        }
         let note = format!("redis {state}; {} until it answers", self.inner.policy());
         match self.inner.fallback {
             Fallback::Local | Fallback::Open => Health::Degraded(note),
@@ -405,11 +419,24 @@ impl Inner {
                         if failures % RECONNECT_AFTER == 0 {
                             inner.conn.write().unwrap_or_else(|e| e.into_inner()).take();
                         }
+                        let was_refused = matches!(err, Probe::Refused(..));
+                        if let Probe::Refused(cause, err) = &err {
+                            if inner.circuit.refuse(cause) {
+                                log::error!(
+                                    "redis refuses floodgate: {cause} ({}); {} until it \
+                                     accepts, and /readyz answers 503",
+                                    redact_url(&err.to_string()),
+                                    inner.policy()
+                                );
+                            }
+                        }
                         if inner.circuit.set(State::Down) == State::Connecting {
-                            log::warn!(
-                                "redis unavailable at startup ({err}); {} until it answers",
-                                inner.policy()
-                            );
+                            if !was_refused {
+                                log::warn!(
+                                    "redis unavailable at startup ({err}); {} until it answers",
+                                    inner.policy()
+                                );
+                            }
                             *inner
                                 .circuit
                                 .since
@@ -423,6 +450,7 @@ impl Inner {
             // Probing ends before the circuit closes: a trip in between then
             // starts a new probe instead of finding this one still running.
             inner.circuit.probing.store(false, Ordering::Release);
+            inner.circuit.accept();
             let before = inner.circuit.set(State::Up);
             let since = inner
                 .circuit
@@ -449,7 +477,7 @@ impl Inner {
     /// Connects if needed, then makes one real decision on a probe key: the
     /// script runs and writes, so a replica demoted to read-only, or a Redis
     /// without the script loaded, is found here and not by traffic.
-    async fn ping(&self) -> Result<(), BackendError> {
+    async fn ping(&self) -> Result<(), Probe> {
         let patience = self.timeout.max(Duration::from_millis(200));
         let mut conn = match self.connection() {
             Some(conn) => conn,
@@ -459,8 +487,8 @@ impl Inner {
                     self.connect(),
                 )
                 .await
-                .map_err(|_| BackendError::Timeout(self.timeout))?
-                .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+                .map_err(|_| Probe::Failed(BackendError::Timeout(self.timeout)))?
+                .map_err(Probe::from)?;
                 *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
                 conn
             }
@@ -474,8 +502,8 @@ impl Inner {
             .arg(0);
         match actix_web::rt::time::timeout(patience, self.eval(&mut conn, &cmd)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(err)) => Err(BackendError::Unavailable(err.to_string())),
-            Err(_) => Err(BackendError::Timeout(patience)),
+            Ok(Err(err)) => Err(Probe::from(err)),
+            Err(_) => Err(Probe::Failed(BackendError::Timeout(patience))),
         }
     }
 
@@ -779,16 +807,64 @@ fn tcp_settings() -> redis::io::tcp::TcpSettings {
 }
 
 /// Whether an error means Redis cannot answer (as opposed to refusing one
-/// command, which says nothing about the next).
+/// command, which says nothing about the next). A refusal of floodgate's
+/// credentials holds for every command: it opens the circuit too, and the
+/// probe reports it.
 fn is_outage(err: &RedisError) -> bool {
-    !matches!(
-        err.kind(),
-        ErrorKind::Server(
-            ServerErrorKind::ResponseError | ServerErrorKind::CrossSlot | ServerErrorKind::NoPerm
-        ) | ErrorKind::UnexpectedReturnType
-            | ErrorKind::Parse
-            | ErrorKind::Extension
-    )
+    refusal(err).is_some()
+        || !matches!(
+            err.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::ResponseError
+                    | ServerErrorKind::CrossSlot
+                    | ServerErrorKind::NoPerm
+            ) | ErrorKind::UnexpectedReturnType
+                | ErrorKind::Parse
+                | ErrorKind::Extension
+        )
+}
+
+/// The configuration error behind `err`, if Redis refused floodgate's
+/// credentials or permissions. Names the cause, never a password.
+fn refusal(err: &RedisError) -> Option<&'static str> {
+    match (err.kind(), err.code()) {
+        (ErrorKind::AuthenticationFailed, _) | (_, Some("WRONGPASS")) => {
+            Some("the user or password in FLOODGATE_REDIS_URL is wrong (authentication failed)")
+        }
+        (_, Some("NOAUTH")) => {
+            Some("Redis requires a password and FLOODGATE_REDIS_URL has none (NOAUTH)")
+        }
+        (ErrorKind::Server(ServerErrorKind::NoPerm), _) => Some(
+            "the Redis user in FLOODGATE_REDIS_URL may not run EVALSHA/SCRIPT LOAD (NOPERM); \
+             grant it +evalsha +script|load and access to the prefix's keys",
+        ),
+        _ => None,
+    }
+}
+
+/// Why a probe failed.
+enum Probe {
+    /// Redis refused floodgate's credentials: a configuration error.
+    Refused(&'static str, RedisError),
+    Failed(BackendError),
+}
+
+impl From<RedisError> for Probe {
+    fn from(err: RedisError) -> Self {
+        match refusal(&err) {
+            Some(cause) => Probe::Refused(cause, err),
+            None => Probe::Failed(BackendError::Unavailable(err.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Probe::Refused(cause, _) => f.write_str(cause),
+            Probe::Failed(err) => err.fmt(f),
+        }
+    }
 }
 
 // === Circuit ===
@@ -816,9 +892,29 @@ struct Circuit {
     state: AtomicU8,
     probing: AtomicBool,
     since: Mutex<Option<Instant>>,
+    /// Why Redis refuses floodgate (see [`refusal`]), until a probe passes.
+    refused: Mutex<Option<&'static str>>,
 }
 
 impl Circuit {
+    /// Records that Redis refuses floodgate for `cause`; true if that is news.
+    fn refuse(&self, cause: &'static str) -> bool {
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused.replace(cause) != Some(cause)
+    }
+
+    /// A probe passed: whatever Redis refused, it accepts now.
+    fn accept(&self) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    fn refused(&self) -> Option<&'static str> {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn state(&self) -> State {
         State::from(self.state.load(Ordering::Acquire))
     }
