@@ -58,8 +58,14 @@ fn stop(fg: &mut Binary) -> String {
     stderr
 }
 
+/// The warnings logged while serving (after the startup line, so a startup
+/// warning about this machine's limits is not counted as traffic).
 fn warnings(stderr: &str) -> Vec<&str> {
-    stderr.lines().filter(|l| l.contains(" WARN ")).collect()
+    stderr
+        .lines()
+        .skip_while(|l| !l.contains(" serving: "))
+        .filter(|l| l.contains(" WARN "))
+        .collect()
 }
 
 fn count(lines: &[&str], text: &str) -> usize {
