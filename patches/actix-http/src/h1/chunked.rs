@@ -199,8 +199,22 @@ impl ChunkedState {
         loop {
             match byte!(rdr) {
                 b'\r' => return Poll::Ready(Ok(ChunkedState::TrailerLf)),
-                _ => continue,
+                // a field line ends in CRLF only (RFC 9112 §7.1.2); skipping over a bare LF would
+                // take whatever follows it (the next pipelined request) for trailer fields
+                b => Self::check_trailer_byte(b)?,
             }
+        }
+    }
+
+    /// Rejects the bytes a trailer field line must not contain (RFC 9110 §5.5): control
+    /// characters other than HTAB, a bare LF among them.
+    fn check_trailer_byte(b: u8) -> Result<(), io::Error> {
+        match b {
+            0x00..=0x08 | 0x0a..=0x1f | 0x7f => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "Invalid character in chunk trailer",
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -217,7 +231,7 @@ impl ChunkedState {
     fn read_end_cr(rdr: &mut BytesMut) -> Poll<Result<ChunkedState, io::Error>> {
         match byte!(rdr) {
             b'\r' => Poll::Ready(Ok(ChunkedState::EndLf)),
-            _ => Poll::Ready(Ok(ChunkedState::Trailer)),
+            b => Poll::Ready(Self::check_trailer_byte(b).map(|()| ChunkedState::Trailer)),
         }
     }
 
@@ -540,5 +554,35 @@ mod tests {
 
         assert_decode_chunk_eq!(pl, buf, b"data");
         assert_decode_chunked_eof!(pl, buf);
+    }
+
+    #[test]
+    fn test_reject_bare_lf_and_controls_in_trailers() {
+        // read as CRLF-only, each of these would take the pipelined request for trailer fields
+        for trailers in [
+            "X-Trailer: y\n",
+            "\n",
+            "X-Trailer: y\r\n\n",
+            "X-Trailer: y\x00z\r\n",
+        ] {
+            let mut buf = BytesMut::from(
+                format!(
+                    "GET /test HTTP/1.1\r\n\
+                     Host: localhost\r\n\
+                     transfer-encoding: chunked\r\n\r\n\
+                     4\r\ndata\r\n\
+                     0\r\n\
+                     {trailers}\
+                     GET /smuggled HTTP/1.1\r\n\
+                     Host: localhost\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+            let mut reader = MessageDecoder::<Request>::default();
+            let mut pl = reader.decode(&mut buf).unwrap().unwrap().1.unwrap();
+
+            assert_decode_chunk_eq!(pl, buf, b"data");
+            assert!(pl.decode(&mut buf).is_err(), "accepted {trailers:?}");
+        }
     }
 }

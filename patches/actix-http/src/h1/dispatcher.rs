@@ -476,6 +476,11 @@ where
 
         let size = body.size();
 
+        // a final response makes a `100 Continue` the service asked for by reading the body moot
+        if let Some(payload) = this.payload.as_ref() {
+            payload.take_continue(None);
+        }
+
         this.codec
             .encode(Message::Item((res, size)), this.write_buf)
             .map_err(|err| {
@@ -497,6 +502,12 @@ where
         let is_upgrade = res.upgrade();
         let (draining, close_for_unread_payload) = {
             let this = self.as_mut().project();
+
+            // a response that closes the connection has no use for draining the request payload
+            if res.head().connection_type() == ConnectionType::Close {
+                *this.payload_drainable = false;
+            }
+
             (
                 this.flags.contains(Flags::DRAINING),
                 !is_upgrade
@@ -547,6 +558,12 @@ where
         let is_upgrade = res.upgrade();
         let (draining, close_for_unread_payload) = {
             let this = self.as_mut().project();
+
+            // a response that closes the connection has no use for draining the request payload
+            if res.head().connection_type() == ConnectionType::Close {
+                *this.payload_drainable = false;
+            }
+
             (
                 this.flags.contains(Flags::DRAINING),
                 !is_upgrade
@@ -589,10 +606,20 @@ where
         Ok(())
     }
 
-    fn send_continue(self: Pin<&mut Self>) {
-        self.project()
-            .write_buf
-            .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+    /// Writes `100 Continue` once the service has started reading a payload whose client waits
+    /// for it (`Expect: 100-continue`). A service that answers without reading the body (a
+    /// refusal) thus never invites it.
+    fn poll_continue(self: Pin<&mut Self>, cx: &mut Context<'_>) {
+        let this = self.project();
+
+        if this
+            .payload
+            .as_ref()
+            .is_some_and(|payload| payload.take_continue(Some(cx)))
+        {
+            this.write_buf
+                .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
     }
 
     fn poll_response(
@@ -799,11 +826,9 @@ where
                     trace!("  calling expect service");
 
                     match fut.poll(cx) {
-                        // expect resolved. write continue to buffer and set InnerDispatcher state
-                        // to service call.
+                        // expect resolved. set InnerDispatcher state to service call; `100 Continue`
+                        // is written once the service reads the payload (see `poll_continue`).
                         Poll::Ready(Ok(req)) => {
-                            this.write_buf
-                                .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                             let fut = this.flow.service.call(req);
                             this.state.set(State::ServiceCall { fut });
                         }
@@ -851,8 +876,6 @@ where
                     match fut.poll(cx) {
                         // expect is resolved; continue loop and poll the service call branch.
                         Poll::Ready(Ok(req)) => {
-                            self.as_mut().send_continue();
-
                             let mut this = self.as_mut().project();
                             let fut = this.flow.service.call(req);
                             this.state.set(State::ServiceCall { fut });
@@ -960,7 +983,10 @@ where
                                     // to sink new chunked request data to state. Payload is
                                     // attached to Request and passed to Service::call where the
                                     // state can be collected and consumed.
-                                    let (sender, payload) = Payload::create(false);
+                                    let (mut sender, payload) = Payload::create(false);
+                                    if req.head().expect() {
+                                        sender.defer_continue();
+                                    }
                                     *req.payload() = crate::Payload::H1 { payload };
                                     *this.payload = Some(sender);
                                     *this.payload_drainable = req.chunked().unwrap_or(false);
@@ -1010,6 +1036,22 @@ where
                 // decode is partial and buffer is not full yet
                 // break and wait for more read
                 Ok(None) => break,
+
+                // The decoder does no I/O: an I/O error from it is a malformed request payload
+                // (chunked framing). The request's service sees its payload fail and answers;
+                // then the connection closes, since where the next request starts is unknown.
+                Err(ParseError::Io(err)) if this.payload.is_some() => {
+                    trace!("malformed request payload: {}", &err);
+
+                    if let Some(payload) = this.payload.as_mut() {
+                        payload.set_error(PayloadError::EncodingCorrupted);
+                    }
+
+                    // not drainable: the response closes the connection
+                    *this.payload_drainable = false;
+                    this.flags.insert(Flags::READ_DISCONNECT);
+                    break;
+                }
 
                 Err(ParseError::Io(err)) => {
                     trace!("I/O error: {}", &err);
@@ -1069,14 +1111,15 @@ where
 
         if let TimerState::Active { timer } = this.head_timer {
             if timer.as_mut().poll(cx).is_ready() {
-                // timeout on first request (slow request) return 408
+                // timeout on a request head (slow request) return 408
 
                 trace!("timed out on slow request; replying with 408 and closing connection");
 
-                let _ = self.as_mut().send_error_response(
-                    Response::with_body(StatusCode::REQUEST_TIMEOUT, ()),
-                    BoxBody::new(()),
-                );
+                this.head_timer.clear(line!());
+
+                let mut res = Response::with_body(StatusCode::REQUEST_TIMEOUT, ());
+                res.head_mut().set_connection_type(ConnectionType::Close);
+                let _ = self.as_mut().send_error_response(res, BoxBody::new(()));
 
                 self.project().flags.insert(Flags::SHUTDOWN);
             }
@@ -1420,6 +1463,8 @@ where
                             }
                         };
 
+                        inner.as_mut().poll_continue(cx);
+
                         // we didn't get WouldBlock from write operation, so data get written to
                         // kernel completely (macOS) and we have to write again otherwise response
                         // can get stuck
@@ -1458,6 +1503,25 @@ where
                     {
                         trace!("read half closed; start shutdown");
                         inner_p.flags.insert(Flags::SHUTDOWN);
+                    }
+
+                    // A request head has begun arriving but is not complete (anything complete was
+                    // decoded and nothing is in flight): it gets the same deadline as the first
+                    // request's head, so a kept-alive connection cannot be held by a stalled head.
+                    if state_is_none
+                        && inner_p.messages.is_empty()
+                        && inner_p.payload.is_none()
+                        && !inner_p.read_buf.is_empty()
+                        && !matches!(inner_p.head_timer, TimerState::Active { .. })
+                        && !inner_p.flags.intersects(Flags::SHUTDOWN | Flags::LINGER)
+                    {
+                        if let Some(deadline) = inner_p.config.client_request_deadline() {
+                            inner_p.head_timer.set_and_init(
+                                cx,
+                                sleep_until(deadline.into()),
+                                line!(),
+                            );
+                        }
                     }
 
                     // keep-alive and stream errors

@@ -272,6 +272,123 @@ async fn keep_alive_timeout() {
 }
 
 #[actix_rt::test]
+async fn keep_alive_follow_up_head_timeout() {
+    let mut buf = TestBuffer::new("GET /abcd HTTP/1.1\r\nHost: localhost\r\n\r\n");
+
+    let cfg = ServiceConfig::new(
+        KeepAlive::Timeout(Duration::from_secs(5)),
+        Duration::from_millis(100),
+        Duration::ZERO,
+        false,
+        None,
+    );
+    let services = HttpFlow::new(echo_path_service(), ExpectHandler, None);
+
+    let h1 = Dispatcher::<_, _, _, _, UpgradeHandler>::new(
+        buf.clone(),
+        services,
+        cfg,
+        None,
+        OnConnectData::default(),
+    );
+    let mut h1 = pin!(h1);
+
+    lazy(|cx| {
+        assert!(h1.as_mut().poll(cx).is_pending());
+        assert!(buf.take_write_buf().starts_with(b"HTTP/1.1 200 OK\r\n"));
+
+        // the next request's head begins, and stalls
+        buf.extend_read_buf("G");
+        assert!(h1.as_mut().poll(cx).is_pending());
+        assert!(buf.write_buf_slice().is_empty());
+    })
+    .await;
+
+    // sleep longer than the client request timeout, far less than keep-alive
+    sleep(Duration::from_millis(250)).await;
+
+    lazy(|cx| {
+        assert!(
+            h1.as_mut().poll(cx).is_ready(),
+            "a stalled head on a kept-alive connection should time out like the first",
+        );
+
+        let mut res = buf.take_write_buf().to_vec();
+        stabilize_date_header(&mut res);
+
+        assert_eq!(
+            str::from_utf8(&res).unwrap(),
+            "\
+                HTTP/1.1 408 Request Timeout\r\n\
+                content-length: 0\r\n\
+                connection: close\r\n\
+                date: Thu, 01 Jan 1970 12:34:56 UTC\r\n\r\n\
+                "
+        );
+    })
+    .await;
+}
+
+#[actix_rt::test]
+async fn close_response_does_not_drain_dropped_chunked_payload() {
+    let buf = TestSeqBuffer::new(http_msg(
+        r"
+        POST /drop-payload HTTP/1.1
+        Host: localhost
+        Transfer-Encoding: chunked
+
+        5
+        hello
+        ",
+    ));
+
+    let services = HttpFlow::new(
+        fn_service(|mut req: Request| async move {
+            let _ = req.take_payload();
+            let mut res = Response::with_body(StatusCode::TOO_MANY_REQUESTS, "refused");
+            res.head_mut().set_connection_type(ConnectionType::Close);
+            Ok::<_, Error>(res)
+        }),
+        ExpectHandler,
+        None::<UpgradeHandler>,
+    );
+
+    let h1 = Dispatcher::new(
+        buf.clone(),
+        services,
+        ServiceConfig::default(),
+        None,
+        OnConnectData::default(),
+    );
+    let mut h1 = pin!(h1);
+
+    lazy(|cx| {
+        assert!(
+            h1.as_mut().poll(cx).is_ready(),
+            "the dropped body is not drained: the connection closes after the response",
+        );
+
+        let mut res = BytesMut::from(buf.take_write_buf().as_ref());
+        stabilize_date_header(&mut res);
+
+        assert_eq!(
+            &res[..],
+            http_msg(
+                r"
+                HTTP/1.1 429 Too Many Requests
+                content-length: 7
+                connection: close
+                date: Thu, 01 Jan 1970 12:34:56 UTC
+
+                refused
+                ",
+            )
+        );
+    })
+    .await;
+}
+
+#[actix_rt::test]
 async fn keep_alive_follow_up_req() {
     let mut buf = TestBuffer::new("GET /abcd HTTP/1.1\r\nHost: localhost\r\n\r\n");
 
@@ -941,12 +1058,11 @@ async fn expect_eager() {
             // Despite the content-length header and even though the request payload has not
             // been sent, this test expects a complete service response since the payload
             // is not used at all. The service passed to dispatcher is path echo and doesn't
-            // consume payload bytes.
+            // consume payload bytes, so the client is never invited to send them: no
+            // `100 Continue`.
             assert_eq!(
                 str::from_utf8(&res).unwrap(),
                 "\
-                    HTTP/1.1 100 Continue\r\n\
-                    \r\n\
                     HTTP/1.1 200 OK\r\n\
                     content-length: 7\r\n\
                     connection: close\r\n\

@@ -138,6 +138,36 @@ impl PayloadSender {
     pub fn is_dropped(&self) -> bool {
         self.inner.strong_count() == 0
     }
+
+    /// Holds back `100 Continue` for this payload until its receiver is first polled.
+    pub(crate) fn defer_continue(&mut self) {
+        if let Some(shared) = self.inner.upgrade() {
+            shared.borrow_mut().expect = Expect::Deferred;
+        }
+    }
+
+    /// Returns `true`, once, when the receiver of a payload whose `100 Continue` is held back
+    /// has been polled: the service wants the body, so `100 Continue` is due now. While the
+    /// receiver has not been polled, `cx` (if given) is woken when it is.
+    pub(crate) fn take_continue(&self, cx: Option<&mut Context<'_>>) -> bool {
+        let Some(shared) = self.inner.upgrade() else {
+            return false;
+        };
+        let mut inner = shared.borrow_mut();
+        match inner.expect {
+            Expect::Wanted => {
+                inner.expect = Expect::None;
+                true
+            }
+            Expect::Deferred => {
+                if let Some(cx) = cx {
+                    inner.register_io(cx);
+                }
+                false
+            }
+            Expect::None => false,
+        }
+    }
 }
 
 impl Drop for PayloadSender {
@@ -148,9 +178,21 @@ impl Drop for PayloadSender {
     }
 }
 
+/// Where a payload stands with a held-back `100 Continue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Nothing held back (no expectation, already sent, or the body is arriving anyway).
+    None,
+    /// Held back until the receiver is first polled.
+    Deferred,
+    /// The receiver has been polled; the dispatcher sends `100 Continue`.
+    Wanted,
+}
+
 #[derive(Debug)]
 struct Inner {
     len: usize,
+    expect: Expect,
     eof: bool,
     err: Option<PayloadError>,
     sender_closed: bool,
@@ -165,6 +207,7 @@ impl Inner {
         Inner {
             eof,
             len: 0,
+            expect: Expect::None,
             err: None,
             sender_closed: eof,
             items: VecDeque::new(),
@@ -210,6 +253,7 @@ impl Inner {
 
     #[inline]
     fn set_error(&mut self, err: PayloadError) {
+        self.expect = Expect::None;
         self.sender_closed = true;
         self.err = Some(err);
         self.wake();
@@ -224,6 +268,7 @@ impl Inner {
 
     #[inline]
     fn feed_eof(&mut self) {
+        self.expect = Expect::None;
         self.sender_closed = true;
         self.eof = true;
         self.wake();
@@ -231,6 +276,8 @@ impl Inner {
 
     #[inline]
     fn feed_data(&mut self, data: Bytes) {
+        // the client sends the body without waiting for `100 Continue`
+        self.expect = Expect::None;
         self.len += data.len();
         self.items.push_back(data);
         self.need_read = self.len < MAX_BUFFER_SIZE;
@@ -246,6 +293,11 @@ impl Inner {
         mut self: Pin<&mut Self>,
         cx: &Context<'_>,
     ) -> Poll<Option<Result<Bytes, PayloadError>>> {
+        if self.expect == Expect::Deferred {
+            // the service reads the body: invite the client to send it (woken by `wake_io` below)
+            self.expect = Expect::Wanted;
+        }
+
         if let Some(data) = self.items.pop_front() {
             self.len -= data.len();
             self.need_read = self.len < MAX_BUFFER_SIZE;
