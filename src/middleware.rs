@@ -392,6 +392,40 @@ mod tests {
         assert!(body.contains("\"title\":\"Too Many Requests\""), "{body}");
     }
 
+    #[actix_web::test]
+    async fn refusals_of_requests_with_a_body_close_the_connection() {
+        let limit = limit(1);
+        let backend = Arc::new(MemoryBackend::new([&limit], 100));
+        let app = at::init_service(
+            App::new()
+                .wrap(RateLimit::new(backend, limit))
+                .default_service(web::to(HttpResponse::Ok)),
+        )
+        .await;
+        let peer = "192.0.2.1:1000".parse().unwrap();
+        let req = at::TestRequest::get().uri("/").peer_addr(peer).to_request();
+        assert_eq!(at::call_service(&app, req).await.status(), 200);
+        for (headers, closes) in [
+            (&[][..], false),
+            (&[("content-length", "0")][..], false),
+            (&[("content-length", "5")][..], true),
+            (&[("transfer-encoding", "chunked")][..], true),
+        ] {
+            let mut req = at::TestRequest::post().uri("/").peer_addr(peer);
+            for &header in headers {
+                req = req.insert_header(header);
+            }
+            let res = at::call_service(&app, req.to_request()).await;
+            assert_eq!(res.status(), 429, "{headers:?}");
+            let connection = res.response().head().connection_type();
+            assert_eq!(
+                connection == ConnectionType::Close,
+                closes,
+                "{headers:?}: {connection:?}"
+            );
+        }
+    }
+
     #[test]
     fn accept_negotiation() {
         let with = |accept: &str| {
