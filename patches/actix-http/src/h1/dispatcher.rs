@@ -1505,12 +1505,14 @@ where
                         inner_p.flags.insert(Flags::SHUTDOWN);
                     }
 
-                    // A request head has begun arriving but is not complete (anything complete was
-                    // decoded and nothing is in flight): it gets the same deadline as the first
-                    // request's head, so a kept-alive connection cannot be held by a stalled head.
+                    // A request head has begun arriving on a connection kept alive for it but is
+                    // not complete (anything complete was decoded and nothing is in flight): it
+                    // gets the same deadline as the first request's head, so a kept-alive
+                    // connection cannot be held by a stalled head.
                     if state_is_none
                         && inner_p.messages.is_empty()
                         && inner_p.payload.is_none()
+                        && inner_p.flags.contains(Flags::KEEP_ALIVE)
                         && !inner_p.read_buf.is_empty()
                         && !matches!(inner_p.head_timer, TimerState::Active { .. })
                         && !inner_p.flags.intersects(Flags::SHUTDOWN | Flags::LINGER)
