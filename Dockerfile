@@ -8,6 +8,7 @@ COPY src ./src
 COPY benches ./benches
 COPY examples ./examples
 COPY settings ./settings
+COPY patches ./patches
 # Cache mounts keep the crate registry and compiled dependencies between
 # builds (BuildKit and podman/buildah both honour them); the binary is copied
 # out because the target directory stays in the cache, not the layer.

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use actix_web::body::{BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
-use actix_web::http::StatusCode;
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::header::{self, HeaderMap, HeaderValue};
+use actix_web::http::{ConnectionType, StatusCode};
 use actix_web::{Error, HttpResponse, ResponseError};
 use futures_util::future::{LocalBoxFuture, Ready, ready};
 
@@ -231,7 +231,7 @@ where
                 Err(err) => {
                     config.metrics.rejected.inc();
                     let res = ProxyError::from(err).error_response();
-                    return Ok(req.into_response(res).map_into_right_body());
+                    return Ok(refuse(req, res));
                 }
             };
             let checked = match config.backend.try_check(&config.limit, &key) {
@@ -254,7 +254,7 @@ where
                 log::debug!("limited key={key} retry_after={retry_after:?}");
                 let res =
                     config.too_many_requests(&req, &decision, &mut worker.recent.borrow_mut());
-                return Ok(req.into_response(res).map_into_right_body());
+                return Ok(refuse(req, res));
             }
             config.metrics.allowed.inc();
             let mut res = service.call(req).await?;
@@ -299,9 +299,29 @@ where
                 retry_after: CLOSED_RETRY_AFTER,
             }
             .error_response();
-            Ok(req.into_response(res).map_into_right_body())
+            Ok(refuse(req, res))
         }
     }
+}
+
+/// The answer to a refused request. Nobody reads a refused request's body, so
+/// when one was announced the connection closes once the answer is written:
+/// a body that trickles or never ends cannot hold the connection, and no
+/// unread body is left where the next request should start.
+fn refuse<B>(req: ServiceRequest, mut res: HttpResponse) -> ServiceResponse<EitherBody<B>> {
+    if announces_body(req.headers()) {
+        res.head_mut().set_connection_type(ConnectionType::Close);
+    }
+    req.into_response(res).map_into_right_body()
+}
+
+/// Whether a request comes with a body: chunked (or any transfer coding), or
+/// a `Content-Length` other than 0.
+fn announces_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|len| len.as_bytes() != b"0")
 }
 
 #[cfg(test)]
@@ -386,6 +406,40 @@ mod tests {
         let body = std::str::from_utf8(&body).unwrap();
         assert!(body.contains("\"status\":429"), "{body}");
         assert!(body.contains("\"title\":\"Too Many Requests\""), "{body}");
+    }
+
+    #[actix_web::test]
+    async fn refusals_of_requests_with_a_body_close_the_connection() {
+        let limit = limit(1);
+        let backend = Arc::new(MemoryBackend::new([&limit], 100));
+        let app = at::init_service(
+            App::new()
+                .wrap(RateLimit::new(backend, limit))
+                .default_service(web::to(HttpResponse::Ok)),
+        )
+        .await;
+        let peer = "192.0.2.1:1000".parse().unwrap();
+        let req = at::TestRequest::get().uri("/").peer_addr(peer).to_request();
+        assert_eq!(at::call_service(&app, req).await.status(), 200);
+        for (headers, closes) in [
+            (&[][..], false),
+            (&[("content-length", "0")][..], false),
+            (&[("content-length", "5")][..], true),
+            (&[("transfer-encoding", "chunked")][..], true),
+        ] {
+            let mut req = at::TestRequest::post().uri("/").peer_addr(peer);
+            for &header in headers {
+                req = req.insert_header(header);
+            }
+            let res = at::call_service(&app, req.to_request()).await;
+            assert_eq!(res.status(), 429, "{headers:?}");
+            let connection = res.response().head().connection_type();
+            assert_eq!(
+                connection == ConnectionType::Close,
+                closes,
+                "{headers:?}: {connection:?}"
+            );
+        }
     }
 
     #[test]

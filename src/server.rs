@@ -354,6 +354,7 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
             .route("/metrics", web::get().to(metrics))
     })
     .workers(1)
+    .client_request_timeout(settings.client_timeout)
     .shutdown_timeout(1)
     .disable_signals()
     .listen(listeners.admin)
