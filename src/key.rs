@@ -114,7 +114,13 @@ impl ClientIp {
     /// IPv6 grouping.
     pub fn client_addr(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = canonical(peer);
-        if self.trusted.is_empty() || !self.is_trusted(peer) {
+        if self.trusted.is_empty()
+            || !self.is_trusted(peer)
+            || connection_names(headers, &header::X_FORWARDED_FOR)
+        {
+            // A trusted proxy that names X-Forwarded-For in `Connection`
+            // meant it for this hop alone; the upstream is not shown it
+            // either (`proxy::write_request_head`).
             return peer;
         }
         // Walk every X-Forwarded-For line, right to left. The rightmost entry
@@ -451,6 +457,21 @@ mod tests {
         assert_eq!(
             extractor.client_addr(ip("10.0.0.3"), &headers),
             ip("203.0.113.7")
+        );
+    }
+
+    #[test]
+    fn a_chain_the_trusted_peer_names_in_connection_is_not_read() {
+        let extractor = ClientIp::new().trust([net("10.0.0.0/8")]);
+        let mut headers = xff(&["203.0.113.7"]);
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Forwarded-For"),
+        );
+        assert_eq!(
+            extractor.client_addr(ip("10.0.0.3"), &headers),
+            ip("10.0.0.3"),
+            "the upstream is not shown that chain either"
         );
     }
 

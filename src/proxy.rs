@@ -646,9 +646,12 @@ fn write_request_head(
         };
         line(out, b"host", host.as_bytes());
     }
+    // A trusted proxy's forwarding headers are kept, unless its
+    // `Connection` header names them: then they were for this hop only.
+    let kept = |name: &HeaderName| trusted && !named.contains(name) && headers.contains_key(name);
     if let Some(peer) = peer {
         out.extend_from_slice(b"x-forwarded-for: ");
-        if trusted {
+        if kept(&header::X_FORWARDED_FOR) {
             for value in headers.get_all(header::X_FORWARDED_FOR) {
                 out.extend_from_slice(value.as_bytes());
                 out.extend_from_slice(b", ");
@@ -657,10 +660,10 @@ fn write_request_head(
         out.extend_from_slice(peer.value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+    if !kept(&X_FORWARDED_PROTO) {
         line(out, b"x-forwarded-proto", b"http");
     }
-    if !(trusted && headers.contains_key(X_FORWARDED_HOST))
+    if !kept(&X_FORWARDED_HOST)
         && let Some(host) = target_host
             .as_deref()
             .map(str::as_bytes)
@@ -732,10 +735,19 @@ mod tests {
     }
 
     fn head_for(req: TestRequest, websocket: bool) -> String {
+        head_via(
+            req,
+            &Upstream::new("http://127.0.0.1:8080").unwrap(),
+            websocket,
+        )
+    }
+
+    /// The head `up` writes for `req` from peer 192.0.2.9.
+    fn head_via(req: TestRequest, up: &Upstream, websocket: bool) -> String {
+        let up = up.clone();
         let req = req
             .peer_addr("192.0.2.9:1234".parse().unwrap())
             .to_http_request();
-        let up = Upstream::new("http://127.0.0.1:8080").unwrap();
         let named = connection_named(req.headers());
         let peer = peer(&req, &up);
         let target = up.path_and_query(req.uri()).unwrap();
@@ -750,6 +762,37 @@ mod tests {
             websocket,
         );
         String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn forwarding_headers_a_trusted_proxy_names_in_connection_are_its_own() {
+        let up = Upstream::new("http://127.0.0.1:8080")
+            .unwrap()
+            .trust(["192.0.2.0/24".parse().unwrap()]);
+        let named = TestRequest::get()
+            .insert_header(("connection", "X-Forwarded-For, X-Forwarded-Proto"))
+            .insert_header(("x-forwarded-for", "1.2.3.4"))
+            .insert_header(("x-forwarded-proto", "https"))
+            .insert_header(("host", "app.example"));
+        let head = head_via(named, &up, false);
+        assert!(head.contains("x-forwarded-for: 192.0.2.9\r\n"), "{head}");
+        assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
+        assert!(
+            !head.contains("1.2.3.4") && !head.contains("https"),
+            "{head}"
+        );
+
+        let kept = TestRequest::get()
+            .insert_header(("x-forwarded-for", "1.2.3.4"))
+            .insert_header(("x-forwarded-proto", "https"))
+            .insert_header(("host", "app.example"));
+        let head = head_via(kept, &up, false);
+        assert!(
+            head.contains("x-forwarded-for: 1.2.3.4, 192.0.2.9\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("x-forwarded-proto: https\r\n"), "{head}");
+        assert_eq!(head.matches("x-forwarded-proto").count(), 1, "{head}");
     }
 
     #[test]
