@@ -181,6 +181,21 @@ fn header_value(bytes: Bytes) -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes).expect("built only from an sf-string and digits")
 }
 
+/// A `Content-Length` value: 1*DIGIT (RFC 9110 §8.6) between optional
+/// whitespace, no sign, no spaces inside, no list; `None` if it is not one or overflows.
+pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -428,10 +428,7 @@ fn respond(mut res: HttpResponse, answer: Answer) -> HttpResponse {
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ProxyError> {
     match headers.get(header::CONTENT_LENGTH) {
         None => Ok(None),
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
+        Some(value) => crate::headers::content_length(value.as_bytes())
             .map(Some)
             .ok_or_else(|| ProxyError::ClientBody("malformed Content-Length".into())),
     }

@@ -817,7 +817,7 @@ fn parse_head(
                 }
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n = digits(h.value.trim_ascii())
+            let n = crate::headers::content_length(h.value)
                 .ok_or(ExchangeError::Invalid("content-length is not a number"))?;
             if content_length.is_some_and(|m| m != n) {
                 return Err(ExchangeError::Invalid("conflicting content-length"));
@@ -882,20 +882,6 @@ fn parse_head(
         framing,
         keep_alive,
     }))
-}
-
-/// A `Content-Length` value: 1*DIGIT (RFC 9110 §8.6), no sign, no spaces,
-/// no list; `None` if it is not one or overflows.
-fn digits(value: &[u8]) -> Option<u64> {
-    if value.is_empty() {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, &b| {
-        if !b.is_ascii_digit() {
-            return None;
-        }
-        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-    })
 }
 
 // === ResponseBody ===
