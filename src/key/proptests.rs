@@ -1,4 +1,5 @@
-//! Property tests for the `X-Forwarded-For` walk in [`ClientIp`].
+//! Property tests for the `X-Forwarded-For` walk in [`ClientIp`] and the
+//! credential normaliser behind `header:authorization` keys.
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -200,5 +201,47 @@ proptest! {
     #[test]
     fn entries_never_panic(s in "\\PC{0,50}") {
         let _ = parse_forwarded_addr(&s);
+    }
+}
+
+// === credentials ===
+
+proptest! {
+    /// Any spelling an upstream reads alike (scheme in any case, any run of
+    /// spaces or tabs after it, whitespace around) is one key: the scheme
+    /// lower-cased, one space, the credentials exactly as sent.
+    #[test]
+    fn credentials_spelled_alike_normalise_alike(
+        scheme in "[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,10}",
+        gap in "[ \t]{1,4}",
+        credentials in "[A-Za-z0-9._~+/=-]{1,24}",
+        before in "[ \t]{0,2}",
+        after in "[ \t]{0,2}",
+    ) {
+        let sent = format!("{before}{scheme}{gap}{credentials}{after}");
+        let got = normalize_credentials(sent.as_bytes());
+        let expected = format!("{} {credentials}", scheme.to_ascii_lowercase());
+        prop_assert_eq!(&got[..], expected.as_bytes());
+        prop_assert_eq!(&normalize_credentials(&got)[..], &got[..], "normalising twice changes nothing");
+    }
+
+    /// Credentials differing in case stay different keys.
+    #[test]
+    fn credentials_keep_their_case(
+        scheme in "[A-Za-z]{1,8}",
+        credentials in "[a-z]{1,16}",
+    ) {
+        let lower = format!("{scheme} {credentials}");
+        let upper = format!("{scheme} {}", credentials.to_ascii_uppercase());
+        prop_assert_ne!(normalize_credentials(lower.as_bytes()), normalize_credentials(upper.as_bytes()));
+    }
+
+    /// Arbitrary bytes never panic, and what comes out has no surrounding
+    /// whitespace and is stable under a second pass.
+    #[test]
+    fn arbitrary_credentials_never_panic(value in vec(any::<u8>(), 0..64)) {
+        let got = normalize_credentials(&value);
+        prop_assert_eq!(trim_ows(&got), &got[..]);
+        prop_assert_eq!(&normalize_credentials(&got)[..], &got[..]);
     }
 }
