@@ -910,6 +910,37 @@ fn a_stall_under_closed_refuses_only_while_redis_is_silent() {
     assert!(refused > 0, "nothing refused during a 0.3 s stall");
 }
 
+/// README, "Running several replicas": what a replica admits while Redis
+/// is silent is added to the key in Redis once it answers, so the key does
+/// not get those cells again from Redis.
+#[test]
+fn local_admissions_during_an_outage_are_charged_to_redis() {
+    let redis = RedisServer::start();
+    let up = upstream().run();
+    let fg = redis_proxy(up.addr(), &redis.url())
+        .rate("5/h")
+        .burst(5)
+        .env("FLOODGATE_REDIS_TIMEOUT", "50ms")
+        .env("FLOODGATE_REDIS_FAILURE", "local")
+        .run();
+    wait_ready(fg.admin, || redis.log());
+    redis.freeze();
+    for _ in 0..3 {
+        call_within_budget(fg.addr, "charged", 200, "frozen");
+    }
+    eventually("the circuit to open", || {
+        is_ready(fg.admin).is_err().then_some(())
+    });
+    redis.thaw();
+    wait_ready(fg.admin, || redis.log());
+    // Five cells in all: two are left in Redis.
+    let after: Vec<u16> = (0..3)
+        .map(|_| call(fg.addr, Some("charged")).0.status)
+        .collect();
+    assert_eq!(after, [200, 200, 429], "through Redis after the outage");
+    assert_eq!(up.requests(), 5);
+}
+
 /// Redis restarts (losing its state) under traffic on three replicas: once
 /// each replica decides with Redis again, a burst spread over them is exact.
 #[test]

@@ -409,6 +409,28 @@ mod tests {
     }
 
     #[test]
+    fn a_raised_key_waits_as_long_as_its_new_tat_says_and_an_earlier_one_changes_nothing() {
+        let clock = FakeRelativeClock::default();
+        let l = limit("1/s", 3);
+        let backend = MemoryBackend::with_clock([&l], 100, clock.clone());
+        let k = key(1);
+        // TAT 3 s ahead = burst spent (tau 2 s): the next cell in 1 s.
+        backend.raise(&l, &k, Duration::from_secs(3));
+        backend.raise(&l, &k, Duration::from_secs(1));
+        match backend.decide(&l, &k).unwrap() {
+            Decision::Limited { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_secs(1))
+            }
+            other => panic!("{other:?}"),
+        }
+        clock.advance(Duration::from_secs(1));
+        assert!(backend.decide(&l, &k).unwrap().is_allowed());
+        assert!(!backend.decide(&l, &k).unwrap().is_allowed());
+        // Other keys keep their burst.
+        assert!(backend.decide(&l, &key(2)).unwrap().is_allowed());
+    }
+
+    #[test]
     fn an_unregistered_limit_is_an_error_not_a_panic() {
         let registered = limit("1/s", 1);
         let other = limit("1/s", 1);

@@ -33,7 +33,7 @@ mod fallback;
 mod io;
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -166,6 +166,9 @@ struct Inner {
     /// Bumped when the probe replaces the connection: workers then replace
     /// theirs too.
     generation: AtomicU64,
+    /// Calls whose batch gave up waiting and that have not ended yet: their
+    /// late answers are counted before charging back.
+    abandoned: AtomicUsize,
     script: redis::Script,
     charge_script: redis::Script,
     prefix: String,
@@ -236,6 +239,7 @@ impl RedisBackend {
                 target,
                 conn: RwLock::new(None),
                 generation: AtomicU64::new(0),
+                abandoned: AtomicUsize::new(0),
                 script: redis::Script::new(GCRA_SCRIPT),
                 charge_script: redis::Script::new(CHARGE_SCRIPT),
                 prefix: prefix.into(),
@@ -579,6 +583,12 @@ impl Inner {
         let Some(mut conn) = self.connection() else {
             return;
         };
+        // Late answers Redis sent before the probe's may still be on their
+        // way to their workers: what they took is not to be charged again.
+        let waiting = Instant::now();
+        while self.abandoned.load(Ordering::Acquire) > 0 && waiting.elapsed() < self.patience() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let mut charges = local.drain();
         if let RedisTarget::Cluster(_) = self.target {
             charges.sort_by_key(|c| batch::cluster_slot(&c.key));
@@ -910,17 +920,18 @@ mod batch {
                 }
                 let taken =
                     handoff.compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire);
-                if taken.is_err()
-                    && let (Ok(values), Some(local)) = (&result, &inner.local)
-                {
-                    // EVALSHA, sha, count, then the keys.
-                    let keys = cmd.args_iter().skip(3).filter_map(|arg| match arg {
-                        Arg::Simple(key) => Some(key),
-                        _ => None,
-                    });
-                    for (key, value) in keys.zip(values) {
-                        local.late(key, *value >= 0);
+                if taken.is_err() {
+                    if let (Ok(values), Some(local)) = (&result, &inner.local) {
+                        // EVALSHA, sha, count, then the keys.
+                        let keys = cmd.args_iter().skip(3).filter_map(|arg| match arg {
+                            Arg::Simple(key) => Some(key),
+                            _ => None,
+                        });
+                        for (key, value) in keys.zip(values) {
+                            local.late(key, *value >= 0);
+                        }
                     }
+                    inner.abandoned.fetch_sub(1, Ordering::AcqRel);
                 }
                 result
             }
@@ -935,9 +946,15 @@ mod batch {
             Err(_) => match look_again(&mut call).await {
                 Some(joined) => Some(joined),
                 None => {
+                    // Counted before the call can see it abandoned (it
+                    // counts down when it ends).
+                    inner.abandoned.fetch_add(1, Ordering::AcqRel);
                     let gave_up = handoff
                         .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok();
+                    if !gave_up {
+                        inner.abandoned.fetch_sub(1, Ordering::AcqRel);
+                    }
                     if gave_up {
                         None
                     } else {
