@@ -206,49 +206,6 @@ fn stampede(replicas: &[SocketAddr], per_replica: usize, api_key: &str) -> Vec<u
     threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
-/// As [`stampede`], from one thread per replica: each opens its
-/// `per_replica` connections, then (released together) writes every request
-/// before reading any answer. As concurrent for floodgate, without a
-/// runnable thread per request competing with it for the CPU.
-fn burst(replicas: &[SocketAddr], per_replica: usize, api_key: &str) -> Vec<u16> {
-    let barrier = Arc::new(Barrier::new(replicas.len()));
-    let raw = Arc::new(build("GET", "/", &[(KEY_HEADER, api_key)], b""));
-    let threads: Vec<JoinHandle<Vec<u16>>> = replicas
-        .iter()
-        .map(|&addr| {
-            let (barrier, raw) = (barrier.clone(), raw.clone());
-            std::thread::spawn(move || {
-                let streams: Vec<TcpStream> = (0..per_replica)
-                    .map(|_| {
-                        let s = TcpStream::connect_timeout(&addr, SOCKET_LIMIT)
-                            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-                        s.set_read_timeout(Some(SOCKET_LIMIT)).unwrap();
-                        s.set_write_timeout(Some(SOCKET_LIMIT)).unwrap();
-                        s.set_nodelay(true).unwrap();
-                        s
-                    })
-                    .collect();
-                barrier.wait();
-                for s in &streams {
-                    (&*s).write_all(&raw).unwrap();
-                }
-                streams
-                    .iter()
-                    .map(|s| {
-                        read_response(&mut BufReader::new(s), false)
-                            .unwrap_or_else(|e| panic!("request to {addr}: {e}"))
-                            .status
-                    })
-                    .collect()
-            })
-        })
-        .collect();
-    threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect()
-}
-
 fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|&&s| s == status).count()
 }
@@ -469,7 +426,7 @@ fn a_burst_spread_over_three_replicas_is_exact_on_a_busy_machine() {
     let busy = BusyLoops::start(2);
     let mut admitted = Vec::new();
     for round in 0..20 {
-        let statuses = burst(&addrs, 20, &format!("round-{round}"));
+        let statuses = stampede(&addrs, 20, &format!("round-{round}"));
         admitted.push(count(&statuses, 200));
     }
     drop(busy);
