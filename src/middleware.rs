@@ -184,9 +184,10 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        // Runs on each worker as it starts. The first call opens the
-        // backend's connections, so their I/O is driven by a worker thread
-        // rather than handed across threads on every decision.
+        // Runs on each worker as it starts: the first call starts the
+        // backend's background work (the Redis backend's probe thread);
+        // each worker then opens its own connections on first use, so its
+        // own event loop reads their answers.
         self.backend.start();
         ready(Ok(RateLimitService {
             service: Rc::new(service),

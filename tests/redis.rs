@@ -371,6 +371,71 @@ fn three_replicas_share_one_limit_exactly() {
     assert_eq!(up.requests(), 30, "the upstream saw only the allowed ones");
 }
 
+/// Threads that spin until dropped: a busy machine, as a compile beside
+/// floodgate makes it.
+struct BusyLoops {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl BusyLoops {
+    fn start(n: usize) -> BusyLoops {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                    }
+                })
+            })
+            .collect();
+        BusyLoops { stop, threads }
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The default timeout and failure policy (50 ms, `local`) on a machine two
+/// busy loops keep loaded: a burst spread over three replicas admits exactly
+/// the burst, every round. A decision that misses the timeout would be
+/// decided by a replica's own memory, which knows nothing of the others.
+#[test]
+fn a_burst_spread_over_three_replicas_is_exact_on_a_busy_machine() {
+    const BURST: u32 = 30;
+    let redis = RedisServer::start();
+    let up = upstream().run();
+    let replicas: Vec<Proxy> = (0..3)
+        .map(|_| {
+            redis_proxy(up.addr(), &redis.url())
+                .rate("30/h")
+                .burst(BURST)
+                .run()
+        })
+        .collect();
+    for r in &replicas {
+        wait_ready(r.admin, || redis.log());
+    }
+    let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+    let busy = BusyLoops::start(2);
+    let mut admitted = Vec::new();
+    for round in 0..20 {
+        let statuses = stampede(&addrs, 20, &format!("round-{round}"));
+        admitted.push(count(&statuses, 200));
+    }
+    drop(busy);
+    assert_eq!(admitted, vec![BURST as usize; 20], "admitted per round");
+}
+
 #[test]
 fn every_key_has_a_ttl() {
     let redis = RedisServer::start();
@@ -705,6 +770,233 @@ fn redis_down_closed_policy() {
     );
 }
 
+// === stalls and restarts ===
+
+/// How soon after Redis answers again a replica decides with it: one round
+/// trip, plus scheduling on a loaded test machine.
+const ONE_ROUND_TRIP: Duration = Duration::from_millis(100);
+
+/// The stall tests' limit: 10/s, burst 5 (`T` = 100 ms), so spent keys get
+/// cells back during the test and a wrong local budget shows.
+const STALL_RATE: &str = "10/s";
+const STALL_BURST: usize = 5;
+const STALL_T: Duration = Duration::from_millis(100);
+
+/// One request of [`Clients`]: when it was sent, when it was answered, and
+/// its status.
+type Exchange = (Instant, Instant, u16);
+
+/// One client per key asking every 10 ms until stopped; each outcome kept.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Vec<Exchange>>>,
+}
+
+impl Clients {
+    fn start(addr: SocketAddr, keys: usize) -> Clients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..keys)
+            .map(|k| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let key = format!("client-{k}");
+                    let mut log = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        let sent = Instant::now();
+                        let status = call(addr, Some(&key)).0.status;
+                        log.push((sent, Instant::now(), status));
+                        std::thread::sleep(Duration::from_millis(10)); // pacing
+                    }
+                    log
+                })
+            })
+            .collect();
+        Clients { stop, threads }
+    }
+
+    fn finish(self) -> Vec<Vec<Exchange>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().expect("client thread panicked"))
+            .collect()
+    }
+}
+
+/// `DEBUG SLEEP` for `secs` from another thread; returns when it was sent
+/// and when Redis answered it (it is awake again by then).
+fn stall(redis: &RedisServer, secs: &str) -> (Instant, Instant) {
+    let started = Instant::now();
+    let answer = redis.cli(&["DEBUG", "SLEEP", secs]);
+    assert_eq!(
+        answer.as_deref(),
+        Some("OK"),
+        "DEBUG SLEEP; log:\n{}",
+        redis.log()
+    );
+    (started, Instant::now())
+}
+
+/// 20 clients spend their burst through Redis and keep asking; Redis
+/// stalls for `secs`; they go on for another 0.5 s. Returns every client's
+/// log and the stall.
+fn stall_spent_keys(policy: &str, secs: &str) -> (Vec<Vec<Exchange>>, (Instant, Instant)) {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let up = upstream().run();
+    let fg = redis_proxy(up.addr(), &redis.url())
+        .rate(STALL_RATE)
+        .burst(STALL_BURST as u32)
+        .env(
+            "FLOODGATE_REDIS_TIMEOUT",
+            &format!("{}ms", TIMEOUT.as_millis()),
+        )
+        .env("FLOODGATE_REDIS_FAILURE", policy)
+        .run();
+    wait_ready(fg.admin, || redis.log());
+    let clients = Clients::start(fg.addr, 20);
+    std::thread::sleep(Duration::from_millis(300)); // pacing: bursts spent
+    let stalled = stall(&redis, secs);
+    std::thread::sleep(Duration::from_millis(500)); // pacing: after the stall
+    (clients.finish(), stalled)
+}
+
+/// At most what one exact limiter admits to a key from its first request to
+/// its last answer: the burst, then one cell per `T`.
+fn exact_bound(log: &[Exchange]) -> usize {
+    let first = log.first().expect("requests").0;
+    let last = log.last().expect("requests").1;
+    STALL_BURST + ((last - first).as_micros() / STALL_T.as_micros()) as usize
+}
+
+/// README, "Running several replicas": a stall does not hand spent keys a
+/// fresh local budget. Under `local` a key gets at most one cell more than
+/// one exact limiter would have given it over the whole run, stall
+/// included, and its local admissions are charged to Redis afterwards.
+#[test]
+fn a_stall_under_local_gives_a_spent_key_at_most_one_extra_cell() {
+    let (logs, (from, to)) = stall_spent_keys("local", "0.5");
+    for (k, log) in logs.iter().enumerate() {
+        let admitted = count(&log.iter().map(|l| l.2).collect::<Vec<_>>(), 200);
+        let bound = exact_bound(log);
+        assert!(
+            admitted <= bound + 1,
+            "client-{k}: {admitted} admitted, an exact limit allows {bound} \
+             (stall of {:?})",
+            to - from
+        );
+        assert!(
+            log.iter().all(|l| l.2 == 200 || l.2 == 429),
+            "client-{k}: {log:?}"
+        );
+    }
+}
+
+/// Under `closed`, 503 only while Redis is silent: never before the stall,
+/// and not one round trip after Redis answers again; no key gets a cell more
+/// than an exact limit gives.
+#[test]
+fn a_stall_under_closed_refuses_only_while_redis_is_silent() {
+    // 0.3 s: shorter than a probe's wait plus its pause before the next one
+    // (200 + 250 ms before), so only a probe left waiting for Redis's answer
+    // sees it come back at once.
+    let (logs, (from, to)) = stall_spent_keys("closed", "0.3");
+    let mut refused = 0;
+    for (k, log) in logs.iter().enumerate() {
+        let admitted = count(&log.iter().map(|l| l.2).collect::<Vec<_>>(), 200);
+        let bound = exact_bound(log);
+        assert!(
+            admitted <= bound,
+            "client-{k}: {admitted} admitted, an exact limit allows {bound}"
+        );
+        for &(sent, answered, status) in log {
+            if status == 503 {
+                refused += 1;
+                assert!(
+                    answered >= from && sent <= to + ONE_ROUND_TRIP,
+                    "client-{k}: 503 for a request sent {:?} after Redis answered again",
+                    sent.checked_duration_since(to)
+                );
+            }
+        }
+    }
+    assert!(refused > 0, "nothing refused during a 0.3 s stall");
+}
+
+/// README, "Running several replicas": what a replica admits while Redis
+/// is silent is added to the key in Redis once it answers, so the key does
+/// not get those cells again from Redis.
+#[test]
+fn local_admissions_during_an_outage_are_charged_to_redis() {
+    let redis = RedisServer::start();
+    let up = upstream().run();
+    let fg = redis_proxy(up.addr(), &redis.url())
+        .rate("5/h")
+        .burst(5)
+        .env("FLOODGATE_REDIS_TIMEOUT", "50ms")
+        .env("FLOODGATE_REDIS_FAILURE", "local")
+        .run();
+    wait_ready(fg.admin, || redis.log());
+    redis.freeze();
+    for _ in 0..3 {
+        call_within_budget(fg.addr, "charged", 200, "frozen");
+    }
+    eventually("the circuit to open", || {
+        is_ready(fg.admin).is_err().then_some(())
+    });
+    redis.thaw();
+    wait_ready(fg.admin, || redis.log());
+    // Five cells in all: two are left in Redis.
+    let after: Vec<u16> = (0..3)
+        .map(|_| call(fg.addr, Some("charged")).0.status)
+        .collect();
+    assert_eq!(after, [200, 200, 429], "through Redis after the outage");
+    assert_eq!(up.requests(), 5);
+}
+
+/// Redis restarts (losing its state) under traffic on three replicas: once
+/// each replica decides with Redis again, a burst spread over them is exact.
+#[test]
+fn a_redis_restart_is_exact_again_once_every_replica_reconnects() {
+    const BURST: u32 = 30;
+    let mut redis = RedisServer::start();
+    let up = upstream().run();
+    let replicas: Vec<Proxy> = (0..3)
+        .map(|_| {
+            redis_proxy(up.addr(), &redis.url())
+                .rate("30/h")
+                .burst(BURST)
+                .run()
+        })
+        .collect();
+    for r in &replicas {
+        wait_ready(r.admin, || redis.log());
+    }
+    let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+    let statuses = stampede(&addrs, 20, "before");
+    assert_eq!(count(&statuses, 200), BURST as usize, "before the restart");
+    redis.kill();
+    // Decided without Redis: answered, not asserted. The failures open
+    // each replica's circuit.
+    stampede(&addrs, 5, "during");
+    for r in &replicas {
+        eventually("the circuit to open", || {
+            is_ready(r.admin).is_err().then_some(())
+        });
+    }
+    redis.restart();
+    for r in &replicas {
+        wait_ready(r.admin, || redis.log());
+    }
+    for round in 0..5 {
+        let statuses = stampede(&addrs, 20, &format!("after-{round}"));
+        assert_eq!(
+            count(&statuses, 200),
+            BURST as usize,
+            "round {round} after the restart: {statuses:?}"
+        );
+    }
+}
+
 #[test]
 fn starts_without_redis() {
     let port = free_port();
@@ -953,6 +1245,10 @@ fn a_connection_redis_went_silent_on_is_replaced() {
     relay.silence_existing();
     // Decisions time out on the silent connection; the fallback answers.
     call_within_budget(fg.addr, "during", 200, "while the connection is silent");
+    // Nothing answers the probe either: the circuit opens.
+    eventually("the circuit to open", || {
+        is_ready(fg.admin).is_err().then_some(())
+    });
     // No error ever arrives on that connection: only replacing it helps.
     let took = within(
         Duration::from_secs(3),

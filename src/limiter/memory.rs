@@ -19,13 +19,15 @@
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
 use governor::state::StateStore;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use super::{Backend, BackendError, Decision, Limit, LimitId, RateKey};
 
@@ -42,12 +44,15 @@ const EVICT_DIVISOR: usize = 8;
 /// TATs sampled to find the eviction threshold.
 const EVICT_SAMPLE: usize = 4096;
 
-type KeyedLimiter<C> = governor::RateLimiter<u64, KeyTable, C, StateInformationMiddleware>;
+type KeyedLimiter<C> = governor::RateLimiter<u64, SharedTable, C, StateInformationMiddleware>;
 
 /// Limiter state in this process. Build it once and share it (`Arc`) between
 /// all workers: each clone of a per-worker limiter would count separately.
 pub struct MemoryBackend<C: Clock = DefaultClock> {
     limiters: Vec<(LimitId, Limit, KeyedLimiter<C>)>,
+    /// Each limiter's table and (no later than) its start, so that
+    /// [`raise`](MemoryBackend::raise) can write a TAT in governor's terms.
+    tables: Vec<(SharedTable, C::Instant)>,
     seed: RandomState,
 }
 
@@ -69,17 +74,21 @@ impl<C: Clock> MemoryBackend<C> {
     where
         C: Clone,
     {
-        let limiters = limits
+        let (limiters, tables) = limits
             .into_iter()
             .map(|limit| {
-                let table = KeyTable::new(max_keys);
+                let table = SharedTable(Arc::new(KeyTable::new(max_keys)));
+                // Read before governor reads its own start: TATs written by
+                // `raise` are then never earlier than meant.
+                let start = clock.now();
                 let limiter: KeyedLimiter<C> =
-                    governor::RateLimiter::new(limit.quota(), table, clock.clone());
-                (limit.id(), limit.clone(), limiter)
+                    governor::RateLimiter::new(limit.quota(), table.clone(), clock.clone());
+                ((limit.id(), limit.clone(), limiter), (table, start))
             })
-            .collect();
+            .unzip();
         MemoryBackend {
             limiters,
+            tables,
             seed: RandomState::new(),
         }
     }
@@ -99,6 +108,24 @@ impl<C: Clock> MemoryBackend<C> {
             .iter()
             .find(|(id, ..)| *id == limit.id())
             .map(|(_, _, limiter)| limiter)
+    }
+
+    /// Makes `key`'s theoretical arrival time under `limit` at least `ahead`
+    /// from now, as if cells had been taken elsewhere (another store's
+    /// state carried over). A later TAT already held is kept.
+    pub fn raise(&self, limit: &Limit, key: &RateKey, ahead: Duration) {
+        let Some(i) = self.limiters.iter().position(|(id, ..)| *id == limit.id()) else {
+            return;
+        };
+        let (table, start) = &self.tables[i];
+        let now = self.limiters[i].2.clock().now();
+        let tat = u64::from(now.duration_since(*start))
+            .saturating_add(u64::try_from(ahead.as_nanos()).unwrap_or(u64::MAX / 2));
+        let digest = self.seed.hash_one(key);
+        let _ = table.measure_and_replace(&digest, |held| {
+            let held = held.map_or(0, u64::from);
+            Ok::<_, ()>(((), Nanos::from(held.max(tat))))
+        });
     }
 
     /// The synchronous decision; [`Backend::check`] wraps it.
@@ -148,6 +175,38 @@ where
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+}
+
+// === impl SharedTable ===
+
+/// A [`KeyTable`] that the backend reaches besides its limiter (governor
+/// owns the store it is given).
+#[derive(Clone)]
+pub struct SharedTable(Arc<KeyTable>);
+
+impl StateStore for SharedTable {
+    type Key = u64;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<u64> for SharedTable {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0.retain_recent(drop_below)
+    }
+
+    fn len(&self) -> usize {
+        ShrinkableKeyedStateStore::len(&*self.0)
+    }
+
+    fn is_empty(&self) -> bool {
+        ShrinkableKeyedStateStore::is_empty(&*self.0)
     }
 }
 
@@ -347,6 +406,28 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         backend.retain_recent();
         assert_eq!(backend.len(&l), 0);
+    }
+
+    #[test]
+    fn a_raised_key_waits_as_long_as_its_new_tat_says_and_an_earlier_one_changes_nothing() {
+        let clock = FakeRelativeClock::default();
+        let l = limit("1/s", 3);
+        let backend = MemoryBackend::with_clock([&l], 100, clock.clone());
+        let k = key(1);
+        // TAT 3 s ahead = burst spent (tau 2 s): the next cell in 1 s.
+        backend.raise(&l, &k, Duration::from_secs(3));
+        backend.raise(&l, &k, Duration::from_secs(1));
+        match backend.decide(&l, &k).unwrap() {
+            Decision::Limited { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_secs(1))
+            }
+            other => panic!("{other:?}"),
+        }
+        clock.advance(Duration::from_secs(1));
+        assert!(backend.decide(&l, &k).unwrap().is_allowed());
+        assert!(!backend.decide(&l, &k).unwrap().is_allowed());
+        // Other keys keep their burst.
+        assert!(backend.decide(&l, &key(2)).unwrap().is_allowed());
     }
 
     #[test]

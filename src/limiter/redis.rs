@@ -5,7 +5,9 @@
 //! the clock so replicas with skewed clocks still agree. It runs through
 //! `EVALSHA`, reloaded automatically after `NOSCRIPT` (`redis::Script`), over
 //! one multiplexed connection (a `ConnectionManager`, or a cluster
-//! connection) shared by all workers, so concurrent decisions are pipelined.
+//! connection) per worker, which that worker's event loop drives, so
+//! concurrent decisions are pipelined and no answer waits for another
+//! thread.
 //!
 //! Keys are `<prefix>{<client key>}:<limit>`, the client key being
 //! [`RateKey::stable_id`] (an address in clear, an API key only as its
@@ -14,12 +16,13 @@
 //! until it would be indistinguishable from a fresh one (`PX` = TAT − now), so
 //! no key lives forever and Redis memory stays bounded by active clients.
 //!
-//! When Redis is slow or down, each decision gives up after `timeout` and a
-//! circuit breaker stops asking Redis at all until a background probe gets an
-//! answer again (every [`PROBE_INTERVAL`]); meanwhile the failure policy
-//! decides: this replica's own in-memory limiter (`local`), or an error that
-//! the middleware turns into "allow" (`open`) or 503 (`closed`). One warning
-//! marks the start of an outage and one its end.
+//! When Redis is slow or down, each decision gives up after `timeout` and
+//! the failure policy decides that decision: this replica's own in-memory
+//! limiter (`local`, see [`fallback`]), or an error that the middleware turns
+//! into "allow" (`open`) or 503 (`closed`). Only when Redis answers nothing
+//! for a while does a circuit breaker stop asking it ([`circuit`] defines
+//! when it opens and closes). One warning marks the start of an outage and
+//! one its end. All Redis I/O runs on a thread of its own ([`io`]).
 //!
 //! A Redis that refuses floodgate's credentials (`WRONGPASS`, `NOAUTH`, or
 //! `NOPERM` for an ACL user that may not run the script) is not an outage but
@@ -34,9 +37,13 @@
 //! one, so its TAT cannot move), so answering those requests here is exact and
 //! costs no round trip.
 
+mod circuit;
+mod fallback;
+mod io;
+
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -44,9 +51,12 @@ use dashmap::DashMap;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
+    Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
+    ServerErrorKind, Value,
 };
 
+use self::circuit::{Circuit, State};
+use self::fallback::{CHARGE_SCRIPT, Charge, Local};
 use super::{
     Backend, BackendError, Decision, Health, Limit, LimitId, MAX_STABLE_ID, MemoryBackend, RateKey,
 };
@@ -54,11 +64,16 @@ use crate::key::Fingerprinter;
 use crate::metrics::Metrics;
 use crate::settings::redact_url;
 
-/// How often a down Redis is asked again.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the probe tries again when Redis refuses or drops the
+/// connection (a probe Redis does not answer waits for its answer instead).
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Failed probes after which the connection is replaced (about a second).
+/// Probes Redis left unanswered after which the connection is replaced
+/// (about a second).
 const RECONNECT_AFTER: u32 = 4;
+
+/// Keys charged back in one script call at most.
+const CHARGE_BATCH: usize = 128;
 
 /// Refusals remembered locally at most (per process); beyond it, refusals
 /// are simply not cached.
@@ -156,21 +171,31 @@ pub struct RedisBackend {
 
 struct Inner {
     target: RedisTarget,
-    /// Replaced by the probe when Redis stays silent on it (see `ping`).
+    /// The Redis thread's connection (the probe's and the charge-back's, and
+    /// decisions' until their worker has its own). Replaced by the probe
+    /// when Redis stays silent on it (see `ping`).
     conn: RwLock<Option<Conn>>,
+    /// Bumped when the probe replaces the connection: workers then replace
+    /// theirs too.
+    generation: AtomicU64,
+    /// Calls whose batch gave up waiting and that have not ended yet: their
+    /// late answers are counted before charging back.
+    abandoned: AtomicUsize,
     script: redis::Script,
+    charge_script: redis::Script,
     prefix: String,
     /// Keyed by the prefix: replicas sharing one agree (see `redis_key`).
     fingerprints: Fingerprinter,
     timeout: Duration,
     limits: Vec<(LimitId, Params)>,
-    local: Option<MemoryBackend>,
+    local: Option<Local>,
     fallback: Fallback,
     circuit: Circuit,
     blocked: Blocked,
-    /// [`Backend::start`] ran: the connection is (being) opened on that
-    /// caller's runtime, which then drives its I/O.
+    /// [`Backend::start`] ran: the Redis thread runs and the connection is
+    /// (being) opened on it.
     started: AtomicBool,
+    io: OnceLock<io::Io>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -188,6 +213,16 @@ impl Params {
             t_us: micros(limit.emission_interval()),
             tau_us: micros(limit.tolerance()),
         }
+    }
+
+    /// The latest a key's TAT can be after Redis allowed a decision leaving
+    /// `remaining` cells: the script's `remaining = floor((now + tau + t -
+    /// tat) / t)` gives `tat <= now + tau + t - remaining * t`.
+    fn ahead_after_allowed(&self, remaining: u64) -> Duration {
+        Duration::from_micros(
+            (self.tau_us.saturating_add(self.t_us))
+                .saturating_sub(remaining.saturating_mul(self.t_us)),
+        )
     }
 }
 
@@ -211,14 +246,17 @@ impl RedisBackend {
                 redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str))?;
             }
         }
-        let local =
-            (fallback == Fallback::Local).then(|| MemoryBackend::new(limits.clone(), max_keys));
+        let local = (fallback == Fallback::Local)
+            .then(|| Local::new(MemoryBackend::new(limits.clone(), max_keys)));
         let prefix = prefix.into();
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 target,
                 conn: RwLock::new(None),
+                generation: AtomicU64::new(0),
+                abandoned: AtomicUsize::new(0),
                 script: redis::Script::new(GCRA_SCRIPT),
+                charge_script: redis::Script::new(CHARGE_SCRIPT),
                 fingerprints: Fingerprinter::new(prefix.as_bytes()),
                 prefix,
                 timeout,
@@ -231,6 +269,7 @@ impl RedisBackend {
                 circuit: Circuit::default(),
                 blocked: Blocked::default(),
                 started: AtomicBool::new(false),
+                io: OnceLock::new(),
                 metrics: None,
             }),
         })
@@ -273,6 +312,13 @@ impl Backend for RedisBackend {
         let answer = batch::decide(inner, inner.redis_key(limit, key), params).await;
         match answer {
             Ok((remaining, _)) if remaining >= 0 => {
+                if let Some(local) = &inner.local {
+                    local.seen(
+                        limit,
+                        key,
+                        params.ahead_after_allowed(remaining.unsigned_abs()),
+                    );
+                }
                 let remaining = u32::try_from(remaining).unwrap_or(u32::MAX);
                 Ok(Decision::Allowed {
                     remaining,
@@ -285,17 +331,17 @@ impl Backend for RedisBackend {
                 // Counted from when the batch left, never later than Redis's
                 // own retry time: the cache never refuses what Redis would allow.
                 inner.blocked.insert(limit, key, sent_at + retry_after);
+                if let Some(local) = &inner.local {
+                    // earliest = tat - tau, so tat = now + retry_after + tau.
+                    local.seen(limit, key, retry_after + limit.tolerance());
+                }
                 Ok(Decision::Limited {
                     retry_after,
                     reset_after: retry_after + limit.tolerance(),
                 })
             }
-            Err(failure) => {
-                if failure.outage {
-                    Inner::trip(inner, &failure.error);
-                }
-                inner.fallback(limit, key, failure.error)
-            }
+            // The batch told the circuit; this decision alone gets the policy.
+            Err(failure) => inner.fallback(limit, key, failure.error),
         }
     }
 
@@ -305,7 +351,16 @@ impl Backend for RedisBackend {
 
     fn start(&self) {
         if !self.inner.started.swap(true, Ordering::AcqRel) {
-            Inner::probe(&self.inner);
+            match io::Io::start() {
+                Ok(io) => {
+                    let _ = self.inner.io.set(io);
+                    Inner::probe(&self.inner);
+                }
+                Err(err) => log::error!(
+                    "cannot start the redis thread ({err}); {} from now on",
+                    self.inner.policy()
+                ),
+            }
         }
     }
 
@@ -373,22 +428,38 @@ impl Inner {
                 if let Some(metrics) = &self.metrics {
                     metrics.backend_errors.inc();
                 }
-                local.decide(limit, key)
+                let t_us = self.params(limit).map_or(0, |p| p.t_us);
+                local.decide(limit, key, || self.redis_key(limit, key), t_us)
             }
             None => Err(err),
         }
     }
 
-    /// Opens the circuit (logging once) and starts probing.
-    fn trip(self: &Arc<Self>, err: &BackendError) {
+    /// A decision's batch got no answer: a failing run begins (or goes on)
+    /// and the probe watches it.
+    fn failed(self: &Arc<Self>) {
+        self.circuit.failed();
+        Inner::probe(self);
+    }
+
+    /// Opens the circuit, logging once.
+    fn open(&self, reason: &str) {
         if self.circuit.set(State::Down) == State::Up {
             log::warn!(
-                "redis unavailable ({err}); {} until it answers again",
+                "redis unavailable ({reason}); {} until it answers again",
                 self.policy()
             );
-            *self.circuit.since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            *self
+                .circuit
+                .down_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         }
-        Inner::probe(self);
+    }
+
+    /// How long one probe waits for its answer while the circuit is open.
+    fn patience(&self) -> Duration {
+        self.timeout.max(Duration::from_millis(200))
     }
 
     fn policy(&self) -> &'static str {
@@ -399,39 +470,81 @@ impl Inner {
         }
     }
 
-    /// Starts the background probe unless one runs: connect if needed, then
-    /// run the script on a probe key every [`PROBE_INTERVAL`] until Redis
-    /// answers in time. After [`RECONNECT_AFTER`] failed probes the
-    /// connection is replaced: one Redis stopped answering on (a silent
-    /// network drop, a failover) may otherwise never fail outright.
+    /// Starts the probe on the Redis thread unless one runs (see
+    /// [`circuit`]): connect if needed, then run the script on a probe key
+    /// until Redis answers. While a failing run goes on and the circuit is
+    /// still closed, it opens the circuit once the run has lasted
+    /// [`circuit::open_after`] without an answer; open, it asks again at
+    /// once after a silent probe and every [`PROBE_INTERVAL`] after a refused
+    /// connection. After [`RECONNECT_AFTER`] silent probes the connection is
+    /// replaced: one Redis stopped answering on (a silent network drop, a
+    /// failover) may otherwise never fail outright. Its first answer charges
+    /// back what this replica admitted locally, then closes the circuit.
     fn probe(self: &Arc<Self>) {
         if self.circuit.probing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let inner = self.clone();
-        actix_web::rt::spawn(async move {
-            let mut failures = 0;
+        let Some(io) = self.io.get() else {
+            self.circuit.probing.store(false, Ordering::Release);
+            return;
+        };
+        // Weak: a probe never keeps a dropped backend (and its thread) alive.
+        let weak = Arc::downgrade(self);
+        io.spawn(async move {
+            let mut silent = 0;
             loop {
-                match inner.ping().await {
-                    Ok(()) => break,
-                    Err(err) => {
-                        failures += 1;
-                        if failures % RECONNECT_AFTER == 0 {
-                            inner.conn.write().unwrap_or_else(|e| e.into_inner()).take();
+                let Some(inner) = weak.upgrade() else { return };
+                let state = inner.circuit.state();
+                let open_at = match state {
+                    State::Up => inner
+                        .circuit
+                        .failing_since()
+                        .map(|since| since + circuit::open_after(inner.timeout)),
+                    State::Connecting | State::Down => None,
+                };
+                let patience = match open_at {
+                    Some(at) => at.saturating_duration_since(Instant::now()),
+                    None => inner.patience(),
+                };
+                let started = Instant::now();
+                let result = if patience.is_zero() {
+                    Err(Probe::Failed(BackendError::Timeout(circuit::open_after(
+                        inner.timeout,
+                    ))))
+                } else {
+                    inner.ping(patience).await
+                };
+                let err = match result {
+                    Ok(()) => return inner.recovered().await,
+                    Err(err) => err,
+                };
+                let refused = started.elapsed() < patience;
+                // Wrong credentials are a configuration error, said once.
+                let misconfigured = matches!(err, Probe::Refused(..));
+                if let Probe::Refused(cause, redis_err) = &err
+                    && inner.circuit.refuse(cause)
+                {
+                    log::error!(
+                        "redis refuses floodgate: {cause} ({}); {} until it accepts, and \
+                         /readyz answers 503",
+                        redact_url(&redis_err.to_string()),
+                        inner.policy()
+                    );
+                }
+                match state {
+                    State::Up => {
+                        inner.circuit.failed();
+                        if open_at.is_some_and(|at| Instant::now() >= at) {
+                            let reason = format!(
+                                "no answer for {:?}; last: {err}",
+                                circuit::open_after(inner.timeout)
+                            );
+                            inner.open(&reason);
                         }
-                        let was_refused = matches!(err, Probe::Refused(..));
-                        if let Probe::Refused(cause, err) = &err {
-                            if inner.circuit.refuse(cause) {
-                                log::error!(
-                                    "redis refuses floodgate: {cause} ({}); {} until it \
-                                     accepts, and /readyz answers 503",
-                                    redact_url(&err.to_string()),
-                                    inner.policy()
-                                );
-                            }
-                        }
+                    }
+                    State::Connecting => {
                         if inner.circuit.set(State::Down) == State::Connecting {
-                            if !was_refused {
+                            if !misconfigured {
                                 log::warn!(
                                     "redis unavailable at startup ({err}); {} until it answers",
                                     inner.policy()
@@ -439,34 +552,129 @@ impl Inner {
                             }
                             *inner
                                 .circuit
-                                .since
+                                .down_since
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                         }
                     }
+                    State::Down => {
+                        if !refused {
+                            silent += 1;
+                            if silent % RECONNECT_AFTER == 0 {
+                                inner.conn.write().unwrap_or_else(|e| e.into_inner()).take();
+                                inner.generation.fetch_add(1, Ordering::AcqRel);
+                            }
+                        }
+                    }
                 }
-                actix_web::rt::time::sleep(PROBE_INTERVAL).await;
-            }
-            // Probing ends before the circuit closes: a trip in between then
-            // starts a new probe instead of finding this one still running.
-            inner.circuit.probing.store(false, Ordering::Release);
-            inner.circuit.accept();
-            let before = inner.circuit.set(State::Up);
-            let since = inner
-                .circuit
-                .since
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            match (before, since) {
-                (State::Connecting, _) => log::info!("connected to {}", inner.target_name()),
-                (_, Some(since)) => log::warn!(
-                    "redis answering again after {:.1?}; limits are shared again",
-                    since.elapsed()
-                ),
-                _ => log::warn!("redis answering again; limits are shared again"),
+                if refused {
+                    // Not before the run is due to open the circuit.
+                    let pause = match open_at {
+                        Some(at) => {
+                            PROBE_INTERVAL.min(at.saturating_duration_since(Instant::now()))
+                        }
+                        None => PROBE_INTERVAL,
+                    };
+                    drop(inner);
+                    tokio::time::sleep(pause).await;
+                }
             }
         });
+    }
+
+    /// Redis answered the probe: charge back, close the circuit, log.
+    async fn recovered(self: Arc<Self>) {
+        self.charge_back().await;
+        // Probing ends before the circuit closes: a failure in between then
+        // starts a new probe instead of finding this one still running.
+        self.circuit.probing.store(false, Ordering::Release);
+        self.circuit.accept();
+        let before = self.circuit.set(State::Up);
+        self.circuit.answered();
+        if before == State::Down {
+            // Workers' connections may have failed with the outage (the
+            // manager gives up reconnecting): they open new ones, and decide
+            // on the probe's connection, which just answered, meanwhile.
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        let since = self
+            .circuit
+            .down_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match (before, since) {
+            (State::Connecting, _) => log::info!("connected to {}", self.target_name()),
+            // A failing run that never opened the circuit: nothing changed.
+            (State::Up, _) => {}
+            (_, Some(since)) => log::warn!(
+                "redis answering again after {:.1?}; limits are shared again",
+                since.elapsed()
+            ),
+            _ => log::warn!("redis answering again; limits are shared again"),
+        }
+    }
+
+    /// Adds what this replica admitted without Redis to the keys in Redis,
+    /// one script call per [`CHARGE_BATCH`] keys (per cluster slot); what
+    /// cannot be sent is kept for the next answer.
+    async fn charge_back(&self) {
+        let Some(local) = &self.local else { return };
+        if !local.owes() {
+            return;
+        }
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        // Late answers Redis sent before the probe's may still be on their
+        // way to their workers: what they took is not to be charged again.
+        let waiting = Instant::now();
+        while self.abandoned.load(Ordering::Acquire) > 0 && waiting.elapsed() < self.patience() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut charges = local.drain();
+        if let RedisTarget::Cluster(_) = self.target {
+            charges.sort_by_key(|c| batch::cluster_slot(&c.key));
+        }
+        let cells: u64 = charges.iter().map(|c| c.n).sum();
+        let keys = charges.len();
+        let mut rest = charges.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut group: Vec<Charge> = Vec::new();
+            while let Some(next) = rest.peek() {
+                let joins = group.first().is_none_or(|first| match self.target {
+                    RedisTarget::Single(_) => true,
+                    RedisTarget::Cluster(_) => {
+                        batch::cluster_slot(&first.key) == batch::cluster_slot(&next.key)
+                    }
+                });
+                if !joins || group.len() == CHARGE_BATCH {
+                    break;
+                }
+                group.extend(rest.next());
+            }
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.charge_script.get_hash()).arg(group.len());
+            for c in &group {
+                cmd.arg(&c.key);
+            }
+            for c in &group {
+                let age = u64::try_from(c.first.elapsed().as_micros()).unwrap_or(u64::MAX);
+                cmd.arg(c.n).arg(c.t_us).arg(age);
+            }
+            let sent = tokio::time::timeout(
+                self.patience(),
+                Self::eval::<i64>(&self.charge_script, &mut conn, &cmd),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(_))) {
+                log::warn!("could not charge back admissions made without redis; kept for later");
+                group.extend(rest);
+                local.restore(group);
+                return;
+            }
+        }
+        log::info!("charged {cells} admissions made without redis to {keys} keys in redis");
     }
 
     /// The current connection, if any.
@@ -477,8 +685,7 @@ impl Inner {
     /// Connects if needed, then makes one real decision on a probe key: the
     /// script runs and writes, so a replica demoted to read-only, or a Redis
     /// without the script loaded, is found here and not by traffic.
-    async fn ping(&self) -> Result<(), Probe> {
-        let patience = self.timeout.max(Duration::from_millis(200));
+    async fn ping(&self, patience: Duration) -> Result<(), Probe> {
         let mut conn = match self.connection() {
             Some(conn) => conn,
             None => {
@@ -500,19 +707,24 @@ impl Inner {
             .arg(key)
             .arg(1)
             .arg(0);
-        match actix_web::rt::time::timeout(patience, self.eval(&mut conn, &cmd)).await {
+        let call = Self::eval::<Vec<i64>>(&self.script, &mut conn, &cmd);
+        match actix_web::rt::time::timeout(patience, call).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(err)) => Err(Probe::from(err)),
             Err(_) => Err(Probe::Failed(BackendError::Timeout(patience))),
         }
     }
 
-    /// Runs a prepared `EVALSHA` of the script, loading it after `NOSCRIPT`.
-    async fn eval(&self, conn: &mut Conn, cmd: &redis::Cmd) -> Result<Vec<i64>, RedisError> {
-        match cmd.query_async::<Vec<i64>>(conn).await {
+    /// Runs a prepared `EVALSHA` of `script`, loading it after `NOSCRIPT`.
+    async fn eval<T: FromRedisValue>(
+        script: &redis::Script,
+        conn: &mut Conn,
+        cmd: &redis::Cmd,
+    ) -> Result<T, RedisError> {
+        match cmd.query_async::<T>(conn).await {
             Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.script.load_async(conn).await?;
-                cmd.query_async::<Vec<i64>>(conn).await
+                script.load_async(conn).await?;
+                cmd.query_async::<T>(conn).await
             }
             other => other,
         }
@@ -581,7 +793,20 @@ mod batch {
     use std::task::{Poll, Waker};
     use std::time::Instant;
 
-    use super::{BackendError, Inner, Params, RedisTarget, is_outage};
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::time::Duration;
+
+    use redis::{Arg, RedisError};
+    use tokio::task::{JoinError, JoinHandle};
+
+    use super::{BackendError, Conn, Inner, Params, RedisTarget, is_outage};
+
+    /// Who takes a call's answer: the batch, if it comes in time, else the
+    /// Redis thread (a late answer).
+    const WAITING: u8 = 0;
+    const TAKEN: u8 = 1;
+    const ABANDONED: u8 = 2;
 
     /// Decisions per script call at most.
     const MAX_BATCH: usize = 64;
@@ -592,9 +817,6 @@ mod batch {
 
     pub struct Failure {
         pub error: BackendError,
-        /// Whether Redis itself is unreachable (trip the circuit), as
-        /// opposed to refusing this command.
-        pub outage: bool,
     }
 
     #[derive(Default)]
@@ -635,7 +857,6 @@ mod batch {
         fn drop(&mut self) {
             self.answer(Err(Failure {
                 error: BackendError::Unavailable("the decision's batch was dropped".into()),
-                outage: false,
             }));
         }
     }
@@ -712,13 +933,16 @@ mod batch {
         }
     }
 
-    /// One script call for `batch`, answered within the timeout.
+    /// One script call for `batch`, answered within the timeout. The call
+    /// runs on the Redis thread; should the answer come after the batch gave
+    /// up, it still ends a failing run, and what it allowed is taken off the
+    /// local fallback's charge-back.
     async fn send(mut batch: Vec<Pending>) {
         let inner = batch[0].inner.clone();
-        let Some(mut conn) = inner.connection() else {
+        let Some(mut conn) = worker_connection(&inner).or_else(|| inner.connection()) else {
+            Inner::failed(&inner);
             return fail(batch, || Failure {
                 error: BackendError::Unavailable("not connected to redis".into()),
-                outage: true,
             });
         };
         let mut cmd = redis::cmd("EVALSHA");
@@ -729,34 +953,186 @@ mod batch {
         for p in &batch {
             cmd.arg(p.params.t_us).arg(p.params.tau_us);
         }
+        let handoff = Arc::new(AtomicU8::new(WAITING));
+        let mut call = actix_web::rt::spawn({
+            let (inner, handoff) = (inner.clone(), handoff.clone());
+            async move {
+                let result = Inner::eval::<Vec<i64>>(&inner.script, &mut conn, &cmd).await;
+                if !matches!(&result, Err(err) if is_outage(err)) {
+                    inner.circuit.answered();
+                }
+                let taken =
+                    handoff.compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire);
+                if taken.is_err() {
+                    if let (Ok(values), Some(local)) = (&result, &inner.local) {
+                        // EVALSHA, sha, count, then the keys.
+                        let keys = cmd.args_iter().skip(3).filter_map(|arg| match arg {
+                            Arg::Simple(key) => Some(key),
+                            _ => None,
+                        });
+                        for (key, value) in keys.zip(values) {
+                            local.late(key, *value >= 0);
+                        }
+                    }
+                    inner.abandoned.fetch_sub(1, Ordering::AcqRel);
+                }
+                result
+            }
+        });
         let sent_at = Instant::now();
-        let call = inner.eval(&mut conn, &cmd);
-        let result = actix_web::rt::time::timeout(inner.timeout, call).await;
+        let result = match actix_web::rt::time::timeout(inner.timeout, &mut call).await {
+            Ok(joined) => Some(joined),
+            // This worker may have been busy (or not scheduled) when the
+            // deadline passed: the answer may be in its socket already, read
+            // once the connection's task runs. One more look after that, so
+            // that only Redis being late counts as late.
+            Err(_) => match look_again(&mut call).await {
+                Some(joined) => Some(joined),
+                None => {
+                    // Counted before the call can see it abandoned (it
+                    // counts down when it ends).
+                    inner.abandoned.fetch_add(1, Ordering::AcqRel);
+                    let gave_up = handoff
+                        .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok();
+                    if !gave_up {
+                        inner.abandoned.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    if gave_up {
+                        None
+                    } else {
+                        // Answered just now: the task is returning it.
+                        Some(call.await)
+                    }
+                }
+            },
+        };
+        let result = match result {
+            Some(Ok(result)) => Some(result),
+            Some(Err(join)) => Some(Err(RedisError::from(std::io::Error::other(
+                join.to_string(),
+            )))),
+            None => None,
+        };
         match result {
-            Ok(Ok(values)) if values.len() == batch.len() => {
+            Some(Ok(values)) if values.len() == batch.len() => {
                 for (p, v) in batch.iter_mut().zip(values) {
                     p.answer(Ok((v, sent_at)));
                 }
             }
-            Ok(Ok(values)) => fail(batch, || Failure {
+            Some(Ok(values)) => fail(batch, || Failure {
                 error: BackendError::Unavailable(format!(
                     "the script answered {} values",
                     values.len()
                 )),
-                outage: false,
             }),
-            Ok(Err(err)) => {
+            Some(Err(err)) => {
                 let outage = is_outage(&err);
+                if outage {
+                    Inner::failed(&inner);
+                }
                 let message = err.to_string();
                 fail(batch, || Failure {
                     error: BackendError::Unavailable(message.clone()),
-                    outage,
                 })
             }
-            Err(_) => fail(batch, || Failure {
-                error: BackendError::Timeout(inner.timeout),
-                outage: true,
-            }),
+            None => {
+                Inner::failed(&inner);
+                fail(batch, || Failure {
+                    error: BackendError::Timeout(inner.timeout),
+                })
+            }
+        }
+    }
+
+    /// Lets every task that is ready run (the I/O driver polled first), then
+    /// polls `call`; [`LOOKS`] times at most: an answer read from the socket
+    /// reaches `call` through the connection's task and `call`'s own.
+    async fn look_again<T>(call: &mut JoinHandle<T>) -> Option<Result<T, JoinError>> {
+        for _ in 0..LOOKS {
+            tokio::task::yield_now().await;
+            let polled = std::future::poll_fn(|cx| match Pin::new(&mut *call).poll(cx) {
+                Poll::Ready(joined) => Poll::Ready(Some(joined)),
+                Poll::Pending => Poll::Ready(None),
+            })
+            .await;
+            if polled.is_some() {
+                return polled;
+            }
+        }
+        None
+    }
+
+    /// Turns [`look_again`] waits for an answer already received.
+    const LOOKS: usize = 3;
+
+    thread_local! {
+        /// This worker's own connection per backend: its answers are read
+        /// by this worker's event loop, the one waiting for them, so no
+        /// other thread has to be scheduled between Redis and the decision.
+        static CONNECTIONS: RefCell<Vec<WorkerConn>> = const { RefCell::new(Vec::new()) };
+    }
+
+    struct WorkerConn {
+        backend: usize,
+        generation: u64,
+        conn: Option<Conn>,
+        connecting: bool,
+    }
+
+    /// This worker's connection for `inner`; while it is being opened (in
+    /// the background, on this worker), `None`.
+    fn worker_connection(inner: &Arc<Inner>) -> Option<Conn> {
+        let backend = Arc::as_ptr(inner) as usize;
+        let generation = inner.generation.load(Ordering::Acquire);
+        let connect = CONNECTIONS.with_borrow_mut(|conns| {
+            let i = match conns.iter().position(|c| c.backend == backend) {
+                Some(i) => i,
+                None => {
+                    conns.push(WorkerConn {
+                        backend,
+                        generation,
+                        conn: None,
+                        connecting: false,
+                    });
+                    conns.len() - 1
+                }
+            };
+            let entry = &mut conns[i];
+            if entry.generation != generation {
+                *entry = WorkerConn {
+                    backend,
+                    generation,
+                    conn: None,
+                    connecting: false,
+                };
+            }
+            if let Some(conn) = &entry.conn {
+                return Err(conn.clone());
+            }
+            let start = !entry.connecting;
+            entry.connecting = true;
+            Ok(start)
+        });
+        match connect {
+            Err(conn) => Some(conn),
+            Ok(start) => {
+                if start {
+                    let inner = inner.clone();
+                    actix_web::rt::spawn(async move {
+                        let limit = inner.timeout.max(Duration::from_secs(1));
+                        let conn = actix_web::rt::time::timeout(limit, inner.connect()).await;
+                        CONNECTIONS.with_borrow_mut(|conns| {
+                            let entry = conns.iter_mut().find(|c| c.backend == backend);
+                            if let Some(entry) = entry.filter(|e| e.generation == generation) {
+                                entry.connecting = false;
+                                entry.conn = conn.ok().and_then(Result::ok);
+                            }
+                        });
+                    });
+                }
+                None
+            }
         }
     }
 
@@ -767,7 +1143,7 @@ mod batch {
     }
 
     /// The Redis Cluster slot of a key (CRC16 of its hash tag, mod 16384).
-    fn cluster_slot(key: &[u8]) -> u16 {
+    pub fn cluster_slot(key: &[u8]) -> u16 {
         let tagged = key
             .iter()
             .position(|&b| b == b'{')
@@ -863,74 +1239,6 @@ impl std::fmt::Display for Probe {
         match self {
             Probe::Refused(cause, _) => f.write_str(cause),
             Probe::Failed(err) => err.fmt(f),
-        }
-    }
-}
-
-// === Circuit ===
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum State {
-    Connecting = 0,
-    Up = 1,
-    Down = 2,
-}
-
-impl std::fmt::Display for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            State::Connecting => "not connected yet",
-            State::Up => "up",
-            State::Down => "unavailable",
-        })
-    }
-}
-
-#[derive(Default)]
-struct Circuit {
-    state: AtomicU8,
-    probing: AtomicBool,
-    since: Mutex<Option<Instant>>,
-    /// Why Redis refuses floodgate (see [`refusal`]), until a probe passes.
-    refused: Mutex<Option<&'static str>>,
-}
-
-impl Circuit {
-    /// Records that Redis refuses floodgate for `cause`; true if that is news.
-    fn refuse(&self, cause: &'static str) -> bool {
-        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-        refused.replace(cause) != Some(cause)
-    }
-
-    /// A probe passed: whatever Redis refused, it accepts now.
-    fn accept(&self) {
-        self.refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-    }
-
-    fn refused(&self) -> Option<&'static str> {
-        *self.refused.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn state(&self) -> State {
-        State::from(self.state.load(Ordering::Acquire))
-    }
-
-    /// Sets the state, returning the previous one.
-    fn set(&self, state: State) -> State {
-        State::from(self.state.swap(state as u8, Ordering::AcqRel))
-    }
-}
-
-impl From<u8> for State {
-    fn from(value: u8) -> Self {
-        match value {
-            0 => State::Connecting,
-            1 => State::Up,
-            _ => State::Down,
         }
     }
 }
