@@ -37,6 +37,8 @@
 //!     .service(web::scope("/api").wrap(per_api_key.clone()).configure(proxy::configure(upstream.clone())));
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod headers;
 pub mod key;

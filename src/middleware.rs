@@ -98,6 +98,10 @@ impl RateLimit {
         self
     }
 
+    /// What a request gets when the backend returns an error instead of a
+    /// decision (default [`FailurePolicy::Open`]). A Redis backend with the
+    /// `local` fallback decides from memory instead of erring, so this only
+    /// applies when it cannot.
     pub fn on_backend_error(mut self, policy: FailurePolicy) -> Self {
         self.on_backend_error = policy;
         self

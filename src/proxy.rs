@@ -87,12 +87,17 @@ pub struct Upstream {
 /// Why an upstream URL was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamUrlError {
+    /// The text does not parse as an absolute URL.
     #[error("not a URL")]
     Syntax,
+    /// The scheme is not `http`.
     #[error("the scheme must be http (https upstreams are not supported yet)")]
     Scheme,
+    /// The URL names no host.
     #[error("a host is required")]
     Host,
+    /// The URL has more than scheme, host and port: a path other than `/`, a
+    /// query, or `user@`.
     #[error("must not have a path, query or credentials (only scheme://host[:port])")]
     Path,
 }
@@ -131,11 +136,19 @@ impl Upstream {
         })
     }
 
+    /// How long the upstream may take to answer once it has the request, and
+    /// the longest pause between two reads of its answer body or two writes
+    /// of the request body (`FLOODGATE_UPSTREAM_TIMEOUT`, default 30 s). Past
+    /// it: `504`, or mid-body a connection closed before the body is complete.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
+    /// The longest pause between two chunks of the client's request body
+    /// (`FLOODGATE_CLIENT_TIMEOUT`, default 60 s); past it, `408`. The time
+    /// allowed for request headers is the server's
+    /// (`HttpServer::client_request_timeout`), not set here.
     pub fn client_timeout(mut self, timeout: Duration) -> Self {
         self.client_timeout = timeout;
         self
@@ -148,6 +161,8 @@ impl Upstream {
         self
     }
 
+    /// Which `Host` the upstream sees (`FLOODGATE_HOST_HEADER`, default
+    /// [`HostHeader::Client`]).
     pub fn host_header(mut self, host: HostHeader) -> Self {
         self.host_header = host;
         self
@@ -184,6 +199,7 @@ impl Upstream {
         self
     }
 
+    /// The upstream URL as given to [`new`](Self::new).
     pub fn url(&self) -> &Uri {
         &self.url
     }
