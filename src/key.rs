@@ -2,8 +2,13 @@
 //!
 //! The stock extractors cover what operators configure with `FLOODGATE_KEY`:
 //! the client address ([`ClientIp`], optionally read from `X-Forwarded-For`
-//! set by trusted proxies) and an API-key header ([`HeaderKey`]). Embedders can
-//! implement [`KeyExtractor`] for anything else.
+//! set by trusted proxies) and an API-key header ([`HeaderKey`]); [`Global`]
+//! counts every request as one key. Embedders can implement [`KeyExtractor`]
+//! for anything else.
+//!
+//! A key that is a secret (an API key) is never stored or shown in clear:
+//! Redis key names carry its [`Fingerprint`] instead, and logs a shortened
+//! form.
 
 use std::borrow::Cow;
 use std::fmt;

@@ -1,6 +1,8 @@
 //! The rate-limit middleware: key → backend → `429` or the wrapped service.
 //!
-//! One [`Transform`] serves every mode; the only code that writes rate-limit
+//! A request whose key cannot be derived is answered `400`; one the backend
+//! cannot decide goes on or is answered `503`, as its [`FailurePolicy`] says.
+//! One [`Transform`] serves every case; the only code that writes rate-limit
 //! headers is [`LimitHeaders::apply`], for allowed and limited responses alike.
 
 use std::cell::RefCell;

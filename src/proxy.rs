@@ -11,11 +11,18 @@
 //!   `proxy_send_timeout`); past it the client gets `504` (or, mid-body, a
 //!   connection closed before the body is complete);
 //! * the client gets `client_timeout` between two chunks of its request body
-//!   (nginx's `client_body_timeout`); past it, `408`.
+//!   (nginx's `client_body_timeout`); past it, `408`;
+//! * a WebSocket (or other upgraded) tunnel is closed both ways after
+//!   `websocket_idle_timeout` without a byte either way.
 //!
 //! Nothing is buffered whole: a request body is handed to the upstream chunk by
-//! chunk as it arrives, and a response body the same way back. The HTTP/1.1
-//! client itself is [`client`] (why not awc is explained there).
+//! chunk as it arrives, and a response body the same way back. A body past
+//! `max_body` is refused with `413`: up front for a `Content-Length`, at the
+//! cap for a chunked body ([`MaxBody`] does the former before the rate
+//! limiter). The HTTP/1.1 client itself is [`client`], one pool of keep-alive
+//! connections per worker (why not awc is explained there). Upstream failures
+//! are counted in the metrics and logged as an outage ([`OutageLog`]: its
+//! start, periodic counts, its end), not once per request.
 
 mod body;
 pub mod client;
