@@ -3,7 +3,8 @@
 //!
 //! | error | status |
 //! | --- | --- |
-//! | `Downstream` (bad key, refused method) | 400 / 405 |
+//! | `Downstream` (bad key), `Malformed`, `ClientBody` (unreadable body) | 400 |
+//! | `MethodNotAllowed` (`CONNECT` and the like) | 405 |
 //! | client stopped sending its body | 408 |
 //! | request body past `FLOODGATE_MAX_BODY` | 413 |
 //! | upstream refused, reset, closed or spoke garbage | 502 |
@@ -56,7 +57,13 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     /// Limiter state could not be read and the failure policy is `closed`.
     #[error("rate limiter unavailable")]
-    LimiterUnavailable { retry_after: Duration },
+    LimiterUnavailable {
+        /// Sent as the 503's `Retry-After`, in whole seconds rounded up (at
+        /// least 1).
+        retry_after: Duration,
+    },
+    /// A state floodgate's own code should never reach (e.g. a `101` answer
+    /// without a raw connection to tunnel); answered 500 and logged at warn.
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -2,8 +2,13 @@
 //!
 //! The stock extractors cover what operators configure with `FLOODGATE_KEY`:
 //! the client address ([`ClientIp`], optionally read from `X-Forwarded-For`
-//! set by trusted proxies) and an API-key header ([`HeaderKey`]). Embedders can
-//! implement [`KeyExtractor`] for anything else.
+//! set by trusted proxies) and an API-key header ([`HeaderKey`]); [`Global`]
+//! counts every request as one key. Embedders can implement [`KeyExtractor`]
+//! for anything else.
+//!
+//! A key that is a secret (an API key) is never stored or shown in clear:
+//! Redis key names carry its [`Fingerprint`] instead, and logs a shortened
+//! form.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -30,10 +35,15 @@ pub trait KeyExtractor: Send + Sync + 'static {
 /// Why no key could be derived. Each is the client's fault (400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
+    /// The address is the key (or the fallback) but the request has none:
+    /// a connection that is not TCP, or a test request built without one.
     #[error("the connection has no peer address")]
     NoPeerAddress,
+    /// The request carries the key header more than once ([`HeaderKey`]).
     #[error("more than one {0} header: the rate-limit key is ambiguous")]
     AmbiguousHeader(HeaderName),
+    /// The request's `Connection` header names the key header, asking for
+    /// the header that was counted to be stripped ([`HeaderKey`]).
     #[error("the Connection header names {0}, the rate-limit key header")]
     KeyHeaderInConnection(HeaderName),
 }
@@ -224,10 +234,14 @@ pub struct HeaderKey {
 }
 
 impl HeaderKey {
+    /// Counts by the value of the `name` header, and requests without it by
+    /// address as `fallback` derives it (so give `fallback` the same trusted
+    /// proxies and IPv6 prefix as an IP-keyed limit would have).
     pub fn new(name: HeaderName, fallback: ClientIp) -> Self {
         HeaderKey { name, fallback }
     }
 
+    /// The header counted by, in lower case.
     pub fn name(&self) -> &HeaderName {
         &self.name
     }
@@ -385,6 +399,8 @@ impl fmt::Debug for Fingerprinter {
 pub struct Fingerprint([u8; FINGERPRINT_LEN]);
 
 impl Fingerprint {
+    /// The raw [`FINGERPRINT_LEN`] bytes, for a caller that stores them in
+    /// binary rather than as hex.
     pub fn as_bytes(&self) -> &[u8; FINGERPRINT_LEN] {
         &self.0
     }

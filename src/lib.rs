@@ -2,40 +2,72 @@
 //!
 //! ## What this library does
 //!
-//! floodgate is a rate-limiting reverse proxy. Each request gets a client key
-//! (peer address, a trusted `X-Forwarded-For` address, or an API-key header),
-//! the key is checked against a GCRA limit such as `10/min`, and the request is
-//! either streamed to the upstream web server unchanged or answered
+//! floodgate is a rate-limiting reverse proxy in front of one web server.
+//! Each request gets a client key (peer address, a trusted `X-Forwarded-For`
+//! address, or an API-key header), the key is checked against a GCRA limit
+//! such as `10/min` with a burst, and the request is either streamed to the
+//! upstream (hop-by-hop headers stripped, `X-Forwarded-*` set) or answered
 //! `429 Too Many Requests` with `Retry-After` and rate-limit headers. Limiter
-//! state lives in memory (governor's keyed GCRA, bounded) or, for several
-//! replicas, in Redis.
+//! state lives in memory (governor's GCRA over a bounded key table) or, for
+//! several replicas, in Redis, with a policy for when Redis is down.
 //!
 //! ## Running the binary vs embedding in your own `App`
 //!
 //! The `floodgate` binary is configured by `FLOODGATE_*` environment variables
-//! (see the README and `settings/default.toml`). The same pieces are a library:
-//! [`RateLimit`] is an actix-web middleware over any [`Backend`] and any
-//! [`KeyExtractor`](key::KeyExtractor), and [`proxy::configure`] adds the
-//! streaming forwarder as an `App`'s default service.
+//! (see the README and `settings/default.toml`); [`Settings`](settings::Settings)
+//! is that configuration as typed values, and [`server`] builds the binary's
+//! two listeners from it. The same pieces are a library (the crates.io package
+//! is `floodgate-proxy`, imported as `floodgate`):
+//!
+//! * [`RateLimit`] is an actix-web middleware charging each request against a
+//!   [`Limit`], over any [`Backend`] (where state lives: [`MemoryBackend`],
+//!   [`RedisBackend`] or your own) and any [`KeyExtractor`](key::KeyExtractor)
+//!   (who is counted: [`ClientIp`](key::ClientIp),
+//!   [`HeaderKey`](key::HeaderKey) or your own).
+//! * [`proxy::configure`] adds the streaming forwarder as the default service
+//!   of an `App` or a scope. Call it inside the `HttpServer::new` factory: it
+//!   builds one upstream connection pool per worker. [`proxy::Upstream`] holds
+//!   the timeouts and the request body cap; wrap [`proxy::MaxBody`] outside
+//!   `RateLimit` to refuse an oversize `Content-Length` before it is charged.
+//! * Every failure becomes a status code in one place, [`ProxyError`]. An
+//!   outage of the upstream or of Redis is logged as transitions and periodic
+//!   counts ([`outage`]), never a line per request.
 //!
 //! ```
 //! use std::{num::NonZeroU32, sync::Arc};
 //! use actix_web::{App, HttpResponse, web};
 //! use floodgate::{Limit, MemoryBackend, Rate, RateLimit, key::HeaderKey, key::ClientIp};
-//! use floodgate::proxy::{self, Upstream};
+//! use floodgate::proxy::{self, MaxBody, Upstream};
 //!
 //! // Built once, outside `HttpServer::new`, so all workers share the state.
+//! let max_body = Some(10 << 20); // 10 MiB
 //! let limit = Limit::new("default", "100/min".parse::<Rate>().unwrap(), NonZeroU32::new(20).unwrap());
 //! let backend = Arc::new(MemoryBackend::new([&limit], 1_000_000));
 //! let per_api_key = RateLimit::new(backend, limit)
 //!     .key(HeaderKey::new("x-api-key".parse().unwrap(), ClientIp::new()));
-//! let upstream = Upstream::new("http://127.0.0.1:8080").unwrap();
+//! let upstream = Upstream::new("http://127.0.0.1:8080").unwrap().max_body(max_body);
 //!
 //! // Inside the factory: one forwarder (and connection pool) per worker.
 //! let app = App::new()
 //!     .route("/health", web::get().to(HttpResponse::Ok)) // served locally
-//!     .service(web::scope("/api").wrap(per_api_key.clone()).configure(proxy::configure(upstream.clone())));
+//!     .service(
+//!         web::scope("/api")
+//!             .wrap(per_api_key.clone())
+//!             .wrap(MaxBody::new(max_body)) // the last `wrap` runs first
+//!             .configure(proxy::configure(upstream.clone())),
+//!     );
 //! ```
+//!
+//! floodgate's own build patches actix-http (`patches/actix-http/`,
+//! described in its `FLOODGATE-PATCH.md`: a deadline for every request head,
+//! not only a connection's first; `100 Continue` only when the body is read;
+//! no draining of an unread chunked body when the response closes the
+//! connection; strict chunked trailers).
+//! Cargo applies `[patch]` only from the top-level workspace, so an
+//! application embedding floodgate gets those behaviours only if it applies
+//! the same patch.
+
+#![warn(missing_docs)]
 
 pub mod error;
 pub mod headers;

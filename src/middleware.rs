@@ -1,6 +1,8 @@
 //! The rate-limit middleware: key → backend → `429` or the wrapped service.
 //!
-//! One [`Transform`] serves every mode; the only code that writes rate-limit
+//! A request whose key cannot be derived is answered `400`; one the backend
+//! cannot decide goes on or is answered `503`, as its [`FailurePolicy`] says.
+//! One [`Transform`] serves every case; the only code that writes rate-limit
 //! headers is [`LimitHeaders::apply`], for allowed and limited responses alike.
 
 use std::cell::RefCell;
@@ -98,6 +100,10 @@ impl RateLimit {
         self
     }
 
+    /// What a request gets when the backend returns an error instead of a
+    /// decision (default [`FailurePolicy::Open`]). A Redis backend with the
+    /// `local` fallback decides from memory instead of erring, so this only
+    /// applies when it cannot.
     pub fn on_backend_error(mut self, policy: FailurePolicy) -> Self {
         self.on_backend_error = policy;
         self

@@ -11,11 +11,18 @@
 //!   `proxy_send_timeout`); past it the client gets `504` (or, mid-body, a
 //!   connection closed before the body is complete);
 //! * the client gets `client_timeout` between two chunks of its request body
-//!   (nginx's `client_body_timeout`); past it, `408`.
+//!   (nginx's `client_body_timeout`); past it, `408`;
+//! * a WebSocket (or other upgraded) tunnel is closed both ways after
+//!   `websocket_idle_timeout` without a byte either way.
 //!
 //! Nothing is buffered whole: a request body is handed to the upstream chunk by
-//! chunk as it arrives, and a response body the same way back. The HTTP/1.1
-//! client itself is [`client`] (why not awc is explained there).
+//! chunk as it arrives, and a response body the same way back. A body past
+//! `max_body` is refused with `413`: up front for a `Content-Length`, at the
+//! cap for a chunked body ([`MaxBody`] does the former before the rate
+//! limiter). The HTTP/1.1 client itself is [`client`], one pool of keep-alive
+//! connections per worker (why not awc is explained there). Upstream failures
+//! are counted in the metrics and logged as an outage ([`OutageLog`]: its
+//! start, periodic counts, its end), not once per request.
 
 mod body;
 pub mod client;
@@ -87,12 +94,17 @@ pub struct Upstream {
 /// Why an upstream URL was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamUrlError {
+    /// The text does not parse as an absolute URL.
     #[error("not a URL")]
     Syntax,
+    /// The scheme is not `http`.
     #[error("the scheme must be http (https upstreams are not supported yet)")]
     Scheme,
+    /// The URL names no host.
     #[error("a host is required")]
     Host,
+    /// The URL has more than scheme, host and port: a path other than `/`, a
+    /// query, or `user@`.
     #[error("must not have a path, query or credentials (only scheme://host[:port])")]
     Path,
 }
@@ -131,11 +143,19 @@ impl Upstream {
         })
     }
 
+    /// How long the upstream may take to answer once it has the request, and
+    /// the longest pause between two reads of its answer body or two writes
+    /// of the request body (`FLOODGATE_UPSTREAM_TIMEOUT`, default 30 s). Past
+    /// it: `504`, or mid-body a connection closed before the body is complete.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
+    /// The longest pause between two chunks of the client's request body
+    /// (`FLOODGATE_CLIENT_TIMEOUT`, default 60 s); past it, `408`. The time
+    /// allowed for request headers is the server's
+    /// (`HttpServer::client_request_timeout`), not set here.
     pub fn client_timeout(mut self, timeout: Duration) -> Self {
         self.client_timeout = timeout;
         self
@@ -148,6 +168,8 @@ impl Upstream {
         self
     }
 
+    /// Which `Host` the upstream sees (`FLOODGATE_HOST_HEADER`, default
+    /// [`HostHeader::Client`]).
     pub fn host_header(mut self, host: HostHeader) -> Self {
         self.host_header = host;
         self
@@ -184,6 +206,7 @@ impl Upstream {
         self
     }
 
+    /// The upstream URL as given to [`new`](Self::new).
     pub fn url(&self) -> &Uri {
         &self.url
     }

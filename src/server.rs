@@ -34,10 +34,20 @@ const KEEP_ALIVE: Duration = Duration::from_secs(75);
 /// Everything one floodgate process serves with, built once.
 #[derive(Clone)]
 pub struct Floodgate {
+    /// The settings everything below was built from.
     pub settings: Settings,
+    /// The limiter state every worker shares; `/readyz` asks its
+    /// [`health`](Backend::health).
     pub backend: Arc<dyn Backend>,
+    /// The middleware that charges each client request against the default
+    /// limit, already holding `backend`, the key extractor and the header
+    /// style.
     pub rate_limit: RateLimit,
+    /// Where allowed requests go, with every upstream setting applied; each
+    /// worker builds its own forwarder (and connection pool) from a clone.
     pub upstream: Upstream,
+    /// Counters served as `/metrics`, shared by the middleware, the forwarder
+    /// and (with Redis) the backend.
     pub metrics: Arc<Metrics>,
     draining: Arc<AtomicBool>,
 }
@@ -148,7 +158,9 @@ pub fn key_extractor(settings: &Settings) -> Arc<dyn KeyExtractor> {
 /// Both listening sockets, bound before anything is served so that a port in
 /// use stops startup with a clear error.
 pub struct Listeners {
+    /// Bound to `listen`: client traffic.
     pub main: TcpListener,
+    /// Bound to `admin_listen`: `/healthz`, `/readyz` and `/metrics`.
     pub admin: TcpListener,
 }
 
@@ -300,7 +312,10 @@ pub fn raise_open_file_limit(settings: &Settings) {
 
 /// The running servers.
 pub struct Running {
+    /// The address clients are served on (with port 0 in `listen`, the port
+    /// the kernel chose).
     pub addr: SocketAddr,
+    /// The address the admin endpoints are served on.
     pub admin_addr: SocketAddr,
     main: Server,
     admin: Server,

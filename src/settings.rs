@@ -80,24 +80,43 @@ fn env_name(key: &str) -> String {
 /// How requests are counted (`FLOODGATE_KEY`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyKind {
+    /// `ip`: the client address (the TCP peer, or the `X-Forwarded-For`
+    /// address a trusted proxy gave; IPv6 per `ipv6_prefix` network).
     Ip,
+    /// `header:<name>`: the value of this request header (an API key, say);
+    /// a request without it is counted by address.
     Header(HeaderName),
 }
 
 /// Where limiter state lives (`FLOODGATE_BACKEND`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
+    /// `memory`: this process's own memory, at most `max_keys` keys.
     Memory,
+    /// `redis`: a Redis server or cluster shared by every replica.
     Redis,
 }
 
 /// Redis connection and behaviour (`FLOODGATE_REDIS_*`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisSettings {
+    /// `FLOODGATE_REDIS_URL`, default `redis://127.0.0.1:6379/`:
+    /// `redis://[user:password@]host:port/db`, or `rediss://` for TLS.
+    /// May hold a password; the `Debug` output redacts it.
     pub url: String,
+    /// `FLOODGATE_REDIS_CLUSTER`, default empty: Redis Cluster node URLs;
+    /// when not empty they are used instead of `url`.
     pub cluster: Vec<String>,
+    /// `FLOODGATE_REDIS_PREFIX`, default `floodgate:`: the start of every key
+    /// floodgate writes to Redis (never `{` or `}`, which floodgate's keys use
+    /// as the cluster hash tag).
     pub prefix: String,
+    /// `FLOODGATE_REDIS_TIMEOUT`, default 50 ms (at least 1 ms): how long one
+    /// decision may wait for Redis before `failure` applies.
     pub timeout: Duration,
+    /// `FLOODGATE_REDIS_FAILURE`, default `local`: what a decision does when
+    /// Redis is slow or down (limit from this replica's memory, allow, or
+    /// answer 503).
     pub failure: Fallback,
 }
 
@@ -121,34 +140,86 @@ impl fmt::Debug for RedisSettings {
     }
 }
 
-/// Validated settings.
+/// Validated settings: what [`Settings::load`] returns once every value has
+/// parsed. Each field names its environment variable and built-in default;
+/// `settings/default.toml` has the full user documentation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
+    /// `FLOODGATE_LISTEN`, default `0.0.0.0:8000`: address and port clients
+    /// connect to.
     pub listen: SocketAddr,
+    /// `FLOODGATE_UPSTREAM`, default `http://127.0.0.1:8080`: the web server
+    /// floodgate forwards to, `http://host[:port]` with no path (checked by
+    /// [`Upstream::new`]).
     pub upstream: String,
+    /// `FLOODGATE_UPSTREAM_TIMEOUT`, default 30 s: how long the upstream may
+    /// take to answer once it has the request, and the longest pause while
+    /// either body streams. Past it: 504, or a closed connection mid-body.
     pub upstream_timeout: Duration,
+    /// `FLOODGATE_CLIENT_TIMEOUT`, default 60 s: the longest pause between
+    /// two chunks of a client's request body, and the time allowed for each
+    /// request's headers (the admin listener's too). Past it: 408 and the
+    /// connection closes.
     pub client_timeout: Duration,
+    /// `FLOODGATE_HOST_HEADER`, default `client`: whether the upstream sees
+    /// the client's `Host` or the upstream URL's host:port.
     pub host_header: HostHeader,
-    /// Longest request body in bytes; `None`: unlimited.
+    /// `FLOODGATE_MAX_BODY`, default empty: the longest request body in bytes
+    /// that is forwarded; `None` (empty or `0`): unlimited. A longer
+    /// `Content-Length` is answered 413 before anything is forwarded or
+    /// counted; a chunked body is cut off at the cap with 413.
     pub max_body: Option<u64>,
+    /// `FLOODGATE_UPSTREAM_REUSE_AFTER_BODY`, default `false`: whether an
+    /// upstream connection that carried a request body may be used again.
+    /// `false` sends such requests with `Connection: close`, so an upstream
+    /// that does not read a body cannot make its bytes into uncounted
+    /// requests.
     pub upstream_reuse_after_body: bool,
+    /// `FLOODGATE_RATE`, default `10/min`: the default limit, `<n>/<period>`.
     pub rate: Rate,
+    /// `FLOODGATE_BURST`, default empty, meaning the rate's n: requests
+    /// allowed at once before the rate spaces them out.
     pub burst: NonZeroU32,
+    /// `FLOODGATE_KEY`, default `ip`: whom a limit counts.
     pub key: KeyKind,
+    /// `FLOODGATE_TRUSTED_PROXIES`, default empty: the proxies (CIDRs) whose
+    /// `X-Forwarded-For` is believed. Empty: the TCP peer is the client.
     pub trusted_proxies: Vec<IpNet>,
+    /// `FLOODGATE_IPV6_PREFIX`, default 64 (0 to 128): IPv6 clients are
+    /// counted per network of this prefix length.
     pub ipv6_prefix: u8,
+    /// `FLOODGATE_HEADERS`, default `ietf`: which rate-limit headers every
+    /// response carries (`ietf`, `legacy` or `none`).
     pub headers: HeaderStyle,
+    /// `FLOODGATE_MAX_KEYS`, default 1 000 000: keys the memory backend (and
+    /// the Redis fallback) tracks at most; when full, the keys closest to a
+    /// full burst are forgotten first.
     pub max_keys: usize,
+    /// `FLOODGATE_BACKEND`, default `memory`: where limiter state lives.
     pub backend: BackendKind,
+    /// The `FLOODGATE_REDIS_*` settings, used when `backend` is `redis`.
     pub redis: RedisSettings,
+    /// `FLOODGATE_ADMIN_LISTEN`, default `127.0.0.1:9000`: address of
+    /// `/healthz`, `/readyz` and `/metrics`. Keep it private.
     pub admin_listen: SocketAddr,
+    /// `FLOODGATE_WORKERS`, default empty, meaning one per CPU this process
+    /// may use (1 to 1024): worker threads serving clients.
     pub workers: usize,
+    /// `FLOODGATE_SHUTDOWN_TIMEOUT`, default 30 s: on SIGTERM or SIGINT, how
+    /// long in-flight requests may take to finish.
     pub shutdown_timeout: Duration,
-    /// Longest a write toward a client may make no progress.
+    /// `FLOODGATE_SEND_TIMEOUT`, default 30 s: the longest any write toward a
+    /// client may make no progress before the connection (and the upstream
+    /// connection serving it) is closed. A slow reader that keeps reading is
+    /// never cut.
     pub send_timeout: Duration,
-    /// Longest an upgraded tunnel may carry no byte either way.
+    /// `FLOODGATE_WEBSOCKET_IDLE_TIMEOUT`, default 10 min: an upgraded tunnel
+    /// that carries no byte either way for this long is closed on both sides.
     pub websocket_idle_timeout: Duration,
-    /// Open client connections per process at most.
+    /// `FLOODGATE_MAX_CONNECTIONS`, default 10 000: open client connections
+    /// this process serves at most, split evenly across the workers; past it,
+    /// new connections wait in the kernel's listen queue. The admin listener
+    /// is not counted.
     pub max_connections: usize,
     /// The settings file that was read, if any.
     pub config_file: Option<PathBuf>,
@@ -157,6 +228,8 @@ pub struct Settings {
 /// Every problem found, one per line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettingsError {
+    /// One line per bad setting: where the value came from, the value, and
+    /// what is accepted. Never empty.
     pub problems: Vec<String>,
 }
 

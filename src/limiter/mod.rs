@@ -65,18 +65,26 @@ impl Limit {
         }
     }
 
+    /// This limit's identity, shared by its clones: a backend built with
+    /// the limit knows it by this id, and answers
+    /// [`BackendError::UnknownLimit`] for a limit it was not built with, even
+    /// one with the same name and rate.
     pub fn id(&self) -> LimitId {
         self.id
     }
 
+    /// The policy name, shown in `RateLimit-Policy` and in logs.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The sustained rate: `n` cells come back per period (the quota and
+    /// window `RateLimit-Policy` shows).
     pub fn rate(&self) -> Rate {
         self.rate
     }
 
+    /// Cells a fresh key may take at once, before the rate spaces them out.
     pub fn burst(&self) -> NonZeroU32 {
         self.burst
     }
@@ -144,10 +152,12 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Whether the request may go on ([`Decision::Allowed`]).
     pub fn is_allowed(&self) -> bool {
         matches!(self, Decision::Allowed { .. })
     }
 
+    /// Cells the key has left right now: 0 when limited.
     pub fn remaining(&self) -> u32 {
         match self {
             Decision::Allowed { remaining, .. } => *remaining,
@@ -155,6 +165,8 @@ impl Decision {
         }
     }
 
+    /// Time until the key is back to a full burst, whichever the answer (the
+    /// `reset` of the rate-limit headers).
     pub fn reset_after(&self) -> Duration {
         match self {
             Decision::Allowed { reset_after, .. } | Decision::Limited { reset_after, .. } => {
@@ -347,10 +359,15 @@ pub enum Health {
 /// Why a backend could not decide.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    /// The limit (named here) was not among those the backend was built
+    /// with: a wiring mistake, not an outage.
     #[error("limit {0:?} was not registered with this backend")]
     UnknownLimit(Arc<str>),
+    /// The store did not answer within this time (`FLOODGATE_REDIS_TIMEOUT`
+    /// for Redis).
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The store cannot be reached or refused the command; the text says why.
     #[error("{0}")]
     Unavailable(String),
 }

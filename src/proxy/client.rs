@@ -95,14 +95,22 @@ const READ_CHUNK: usize = 16 * 1024;
 /// [`io::Error`] (see [`ExchangeError::io_kind`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
+    /// No connection could be opened (refused, unreachable, ...).
     #[error("connecting to the upstream: {0}")]
     Connect(#[source] io::Error),
+    /// Writing the request head or body to the upstream failed.
     #[error("sending the request: {0}")]
     Send(#[source] io::Error),
+    /// Reading the answer failed (e.g. the upstream reset the connection).
     #[error("reading the answer: {0}")]
     Receive(#[source] io::Error),
+    /// The upstream closed the connection before any byte of an answer. On a
+    /// reused connection this is usually the upstream closing it while idle,
+    /// so a bodiless idempotent request is sent again once.
     #[error("the upstream closed the connection without answering")]
     Closed,
+    /// The answer broke HTTP/1.1 framing (see the module docs for what is
+    /// refused); the text names the fault. The connection is closed.
     #[error("the upstream sent an invalid answer: {0}")]
     Invalid(&'static str),
     /// The client's body failed (idle or broken); not the upstream's fault.
@@ -139,8 +147,12 @@ impl ExchangeError {
 /// or (for a WebSocket handshake, which has no body) a tunnel once the
 /// upstream answers `101`.
 pub enum RequestBody<S> {
+    /// No body: no framing header is sent.
     None,
+    /// `Content-Length` of this many bytes, streamed from `S`; a stream that
+    /// yields more or fewer fails the exchange ([`ExchangeError::Body`]).
     Sized(u64, S),
+    /// A body of unknown length, streamed from `S` with chunked coding.
     Chunked(S),
     /// No body; the request asks to switch protocols, so a `101` may answer it.
     Upgrade,
@@ -160,6 +172,8 @@ impl<S> RequestBody<S> {
 /// The head of the upstream's answer; its end-to-end headers went into the
 /// map passed to [`UpstreamClient::exchange`].
 pub struct Answer {
+    /// The final status: interim answers (100 Continue, 103 Early Hints)
+    /// are read and dropped, never returned; `101` only answers an upgrade.
     pub status: StatusCode,
     /// Whether the answer has a body at all (not for `HEAD`, 1xx, 204, 304).
     pub has_body: bool,
@@ -169,6 +183,8 @@ pub struct Answer {
     /// sent: the rest of the client's body was never read, so the client's
     /// connection must close after this answer.
     pub interrupted: bool,
+    /// The answer's body, read from the upstream as the caller polls it;
+    /// reading it to its end returns the connection to the pool.
     pub body: ResponseBody,
 }
 

@@ -38,6 +38,8 @@ pub struct MaxBody {
 }
 
 impl MaxBody {
+    /// Refuses a `Content-Length` past `max` bytes; `None`: no cap (pass
+    /// the same value as [`Upstream::max_body`](super::Upstream::max_body)).
     pub fn new(max: Option<u64>) -> Self {
         MaxBody { max }
     }
