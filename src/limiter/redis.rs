@@ -18,11 +18,13 @@
 //!
 //! When Redis is slow or down, each decision gives up after `timeout` and
 //! the failure policy decides that decision: this replica's own in-memory
-//! limiter (`local`, see [`fallback`]), or an error that the middleware turns
-//! into "allow" (`open`) or 503 (`closed`). Only when Redis answers nothing
-//! for a while does a circuit breaker stop asking it ([`circuit`] defines
-//! when it opens and closes). One warning marks the start of an outage and
-//! one its end. All Redis I/O runs on a thread of its own ([`io`]).
+//! limiter (`local`, see the `fallback` module), or an error that the
+//! middleware turns into "allow" (`open`) or 503 (`closed`). Only when Redis
+//! answers nothing for a while does a circuit breaker stop asking it (the
+//! `circuit` module defines when it opens and closes). One warning marks the
+//! start of an outage and one its end. Each worker decides on a connection of
+//! its own, read by its own event loop; the probe and the charge-back run on
+//! a thread of their own (the `io` module).
 //!
 //! A Redis that refuses floodgate's credentials (`WRONGPASS`, `NOAUTH`, or
 //! `NOPERM` for an ACL user that may not run the script) is not an outage but
