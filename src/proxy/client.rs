@@ -554,6 +554,7 @@ impl Conn {
             frame,
             chunk: Bytes::new(),
             first: true,
+            yielded: false,
             finished: false,
         };
         std::future::poll_fn(|cx| self.poll_send(cx, &mut upload, &mut stream)).await
@@ -606,6 +607,15 @@ impl Conn {
                         up.finished = true;
                         up.first = false;
                         continue;
+                    }
+                    // The body bytes that arrived with the head reach the
+                    // payload only once the HTTP server runs again: yield
+                    // once for them, so a small upload still goes out in
+                    // one write with its head.
+                    Poll::Pending if up.first && !up.yielded && !self.write.is_empty() => {
+                        up.yielded = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
                     // Waiting for the client; the head goes out meanwhile.
                     Poll::Pending if up.first && !self.write.is_empty() => up.first = false,
@@ -748,6 +758,9 @@ struct Upload {
     /// Nothing of the body pulled yet: the head still waits in the write
     /// buffer for a small first chunk to join it.
     first: bool,
+    /// The body had nothing yet once, and this task yielded so the HTTP
+    /// server could hand over the bytes that came with the head.
+    yielded: bool,
     /// The whole body is framed; what is buffered is the last of it.
     finished: bool,
 }
