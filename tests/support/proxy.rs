@@ -116,17 +116,35 @@ impl Proxy {
     }
 }
 
+/// How long a stopping floodgate under test may take to confirm and end.
+/// Past it the test goes on without it (its threads end with the test
+/// process) rather than hanging the whole run: the assertions that matter
+/// have passed by then.
+const STOP_PATIENCE: Duration = Duration::from_secs(10);
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         let (main, admin) = self.handles.clone();
-        let _ = std::thread::spawn(move || {
+        let (stopped, confirmed) = mpsc::channel();
+        std::thread::spawn(move || {
             futures_executor(async move {
                 main.stop(false).await;
                 admin.stop(false).await;
-            })
-        })
-        .join();
+            });
+            let _ = stopped.send(());
+        });
+        if confirmed.recv_timeout(STOP_PATIENCE).is_err() {
+            eprintln!("floodgate under test did not confirm its stop within {STOP_PATIENCE:?}");
+        }
         if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + STOP_PATIENCE;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !thread.is_finished() {
+                eprintln!("floodgate under test did not end within {STOP_PATIENCE:?}; leaving it");
+                return;
+            }
             let joined = thread.join();
             if !std::thread::panicking() {
                 joined
