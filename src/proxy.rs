@@ -41,7 +41,7 @@ use actix_web::body::{BodyStream, BoxBody, SizedStream};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use actix_web::http::{Method, StatusCode};
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use bytes::BytesMut;
 use ipnet::IpNet;
 
@@ -228,16 +228,14 @@ impl Upstream {
     /// Counts an upstream failure on its way to the client, and logs it as
     /// part of an outage.
     fn count(&self, err: ProxyError) -> ProxyError {
-        match &err {
-            ProxyError::UpstreamTimeout(_) => {
+        // The status the client gets says which kind of failure it was
+        // (one map, in `ProxyError::status_code`).
+        match err.status_code() {
+            StatusCode::GATEWAY_TIMEOUT => {
                 self.metrics.upstream_timeouts.inc();
                 self.outage.record("answered 504", &err);
             }
-            ProxyError::Upstream(e) if e.io_kind() == Some(std::io::ErrorKind::TimedOut) => {
-                self.metrics.upstream_timeouts.inc();
-                self.outage.record("answered 504", &err);
-            }
-            ProxyError::Upstream(_) => {
+            StatusCode::BAD_GATEWAY => {
                 self.metrics.upstream_connect_errors.inc();
                 self.outage.record("answered 502", &err);
             }
