@@ -49,11 +49,17 @@ type KeyedLimiter<C> = governor::RateLimiter<u64, SharedTable, C, StateInformati
 /// Limiter state in this process. Build it once and share it (`Arc`) between
 /// all workers: each clone of a per-worker limiter would count separately.
 pub struct MemoryBackend<C: Clock = DefaultClock> {
-    limiters: Vec<(LimitId, Limit, KeyedLimiter<C>)>,
-    /// Each limiter's table and (no later than) its start, so that
-    /// [`raise`](MemoryBackend::raise) can write a TAT in governor's terms.
-    tables: Vec<(SharedTable, C::Instant)>,
+    limiters: Vec<PerLimit<C>>,
     seed: RandomState,
+}
+
+/// One limit's limiter, with its table and (no later than) its start, so
+/// that [`raise`](MemoryBackend::raise) can write a TAT in governor's terms.
+struct PerLimit<C: Clock> {
+    id: LimitId,
+    limiter: KeyedLimiter<C>,
+    table: SharedTable,
+    start: C::Instant,
 }
 
 impl MemoryBackend<DefaultClock> {
@@ -74,7 +80,7 @@ impl<C: Clock> MemoryBackend<C> {
     where
         C: Clone,
     {
-        let (limiters, tables) = limits
+        let limiters = limits
             .into_iter()
             .map(|limit| {
                 let table = SharedTable(Arc::new(KeyTable::new(max_keys)));
@@ -83,12 +89,16 @@ impl<C: Clock> MemoryBackend<C> {
                 let start = clock.now();
                 let limiter: KeyedLimiter<C> =
                     governor::RateLimiter::new(limit.quota(), table.clone(), clock.clone());
-                ((limit.id(), limit.clone(), limiter), (table, start))
+                PerLimit {
+                    id: limit.id(),
+                    limiter,
+                    table,
+                    start,
+                }
             })
-            .unzip();
+            .collect();
         MemoryBackend {
             limiters,
-            tables,
             seed: RandomState::new(),
         }
     }
@@ -104,21 +114,27 @@ impl<C: Clock> MemoryBackend<C> {
     }
 
     fn limiter(&self, limit: &Limit) -> Option<&KeyedLimiter<C>> {
-        self.limiters
-            .iter()
-            .find(|(id, ..)| *id == limit.id())
-            .map(|(_, _, limiter)| limiter)
+        self.per_limit(limit).map(|l| &l.limiter)
+    }
+
+    fn per_limit(&self, limit: &Limit) -> Option<&PerLimit<C>> {
+        self.limiters.iter().find(|l| l.id == limit.id())
     }
 
     /// Makes `key`'s theoretical arrival time under `limit` at least `ahead`
     /// from now, as if cells had been taken elsewhere (another store's
     /// state carried over). A later TAT already held is kept.
     pub fn raise(&self, limit: &Limit, key: &RateKey, ahead: Duration) {
-        let Some(i) = self.limiters.iter().position(|(id, ..)| *id == limit.id()) else {
+        let Some(PerLimit {
+            limiter,
+            table,
+            start,
+            ..
+        }) = self.per_limit(limit)
+        else {
             return;
         };
-        let (table, start) = &self.tables[i];
-        let now = self.limiters[i].2.clock().now();
+        let now = limiter.clock().now();
         let tat = u64::from(now.duration_since(*start))
             .saturating_add(u64::try_from(ahead.as_nanos()).unwrap_or(u64::MAX / 2));
         let digest = self.seed.hash_one(key);
@@ -168,8 +184,8 @@ where
     }
 
     fn retain_recent(&self) {
-        for (_, _, limiter) in &self.limiters {
-            limiter.retain_recent();
+        for l in &self.limiters {
+            l.limiter.retain_recent();
         }
     }
 
