@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::http::header::HeaderValue;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use floodgate::limiter::{Algorithm, Check};
 use floodgate::{Limit, MemoryBackend, RateKey};
 
 const KEYS: usize = 100_000;
@@ -86,5 +87,45 @@ fn decisions(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decisions);
+/// One request against a rule with one limit, and against a rule with three
+/// (a burst, a per-minute and a daily quota; the bound: three cost
+/// less than twice one).
+fn several_limits(c: &mut Criterion) {
+    let mut group = c.benchmark_group("check_all");
+    let burst = limit();
+    let minute = Limit::window(
+        "minute",
+        "60000000/min".parse().unwrap(),
+        Algorithm::SlidingWindow,
+    )
+    .unwrap();
+    let day = Limit::window(
+        "day",
+        "4000000000/d".parse().unwrap(),
+        Algorithm::FixedWindow,
+    )
+    .unwrap();
+    let keys = api_keys();
+    let memory = MemoryBackend::new(1_000_000);
+    for (name, limits) in [
+        ("1 limit", vec![&burst]),
+        ("3 limits", vec![&burst, &minute, &day]),
+    ] {
+        let mut i = 0;
+        group.bench_function(BenchmarkId::new("MemoryBackend", name), |b| {
+            b.iter(|| {
+                i = (i + 7919) % KEYS;
+                let key = RateKey::header(keys[i].clone());
+                let checks: Vec<Check> = limits
+                    .iter()
+                    .map(|&limit| Check { limit, key: &key })
+                    .collect();
+                black_box(memory.decide_all(&checks))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decisions, several_limits);
 criterion_main!(benches);

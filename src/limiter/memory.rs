@@ -30,7 +30,9 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -61,7 +63,9 @@ const STRIPES: usize = 64;
 /// Limiter state in this process. Build it once and share it (`Arc`) between
 /// all workers: each clone of a per-worker backend would count separately.
 pub struct MemoryBackend<C: Clock = DefaultClock> {
-    tables: RwLock<HashMap<LimitId, Arc<Table>>>,
+    /// Read on every decision without a lock or a shared write (arc-swap);
+    /// copied on the rare insert of a new limit's table.
+    tables: ArcSwap<HashMap<LimitId, Arc<Table>>>,
     seed: RandomState,
     len: AtomicUsize,
     max_keys: usize,
@@ -94,7 +98,7 @@ impl<C: Clock> MemoryBackend<C> {
     /// boundaries exactly).
     pub fn with_clock_at(max_keys: usize, clock: C, epoch: Duration) -> Self {
         MemoryBackend {
-            tables: RwLock::default(),
+            tables: ArcSwap::default(),
             seed: RandomState::new(),
             len: AtomicUsize::new(0),
             max_keys: max_keys.max(1),
@@ -128,19 +132,26 @@ impl<C: Clock> MemoryBackend<C> {
     }
 
     fn existing(&self, limit: &Limit) -> Option<Arc<Table>> {
-        let tables = self.tables.read().unwrap_or_else(PoisonError::into_inner);
-        tables.get(&limit.id()).cloned()
+        self.tables.load().get(&limit.id()).cloned()
     }
 
     fn table(&self, limit: &Limit) -> Arc<Table> {
         if let Some(table) = self.existing(limit) {
             return table;
         }
-        let mut tables = self.tables.write().unwrap_or_else(PoisonError::into_inner);
-        tables
-            .entry(limit.id())
-            .or_insert_with(|| Arc::new(Table::new(limit.algorithm())))
-            .clone()
+        self.add_table(limit);
+        self.existing(limit).expect("just added")
+    }
+
+    /// Makes sure `limit` has a table (tables are never removed).
+    fn add_table(&self, limit: &Limit) {
+        self.tables.rcu(|tables| {
+            let mut tables = HashMap::clone(tables);
+            tables
+                .entry(limit.id())
+                .or_insert_with(|| Arc::new(Table::new(limit.algorithm())));
+            tables
+        });
     }
 
     /// Makes `key`'s state under `limit` what `update` returns from the
@@ -223,7 +234,12 @@ impl<C: Clock> MemoryBackend<C> {
     }
 
     fn decide_one(&self, check: &Check<'_>, now: u64) -> Decision {
-        let table = self.table(check.limit);
+        let tables = self.tables.load();
+        let Some(table) = tables.get(&check.limit.id()) else {
+            drop(tables);
+            self.add_table(check.limit);
+            return self.decide_one(check, now);
+        };
         let digest = self.seed.hash_one(check.key);
         let mut stripe = table.lock(digest);
         let step = check.limit.counter().step(stripe.get(digest, now), now);
@@ -237,21 +253,37 @@ impl<C: Clock> MemoryBackend<C> {
     }
 
     fn decide_many(&self, checks: &[Check<'_>], now: u64) -> Decisions {
-        struct Item {
+        struct Item<'t> {
             id: LimitId,
-            table: Arc<Table>,
+            table: &'t Table,
             digest: u64,
             counter: Counter,
         }
-        let items: SmallVec<[Item; 4]> = checks
-            .iter()
-            .map(|c| Item {
+        let mut tables = self.tables.load();
+        if checks.iter().any(|c| !tables.contains_key(&c.limit.id())) {
+            drop(tables);
+            for check in checks {
+                self.add_table(check.limit);
+            }
+            tables = self.tables.load();
+        }
+        let mut items: SmallVec<[Item<'_>; 4]> = SmallVec::with_capacity(checks.len());
+        for (i, c) in checks.iter().enumerate() {
+            // A key shared by several limits is hashed once.
+            let digest = match checks[..i]
+                .iter()
+                .position(|earlier| std::ptr::eq(earlier.key, c.key) || earlier.key == c.key)
+            {
+                Some(j) => items[j].digest,
+                None => self.seed.hash_one(c.key),
+            };
+            items.push(Item {
                 id: c.limit.id(),
-                table: self.table(c.limit),
-                digest: self.seed.hash_one(c.key),
+                table: &tables[&c.limit.id()],
+                digest,
                 counter: c.limit.counter(),
-            })
-            .collect();
+            });
+        }
         // Lock every stripe involved once, in (limit id, stripe) order.
         let mut order: SmallVec<[(LimitId, usize, usize); 4]> = items
             .iter()
@@ -320,13 +352,7 @@ impl<C: Clock> MemoryBackend<C> {
         if self.evicting.swap(true, Ordering::Acquire) {
             return;
         }
-        let tables: Vec<Arc<Table>> = self
-            .tables
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
+        let tables: Vec<Arc<Table>> = self.tables.load().values().cloned().collect();
         let len = self.len.load(Ordering::Relaxed).max(1);
         let step = (len / EVICT_SAMPLE).max(1);
         let mut sample = Vec::with_capacity(EVICT_SAMPLE + 64);
@@ -368,13 +394,7 @@ where
 
     fn retain_recent(&self) {
         let now = self.now_micros();
-        let tables: Vec<Arc<Table>> = self
-            .tables
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
+        let tables: Vec<Arc<Table>> = self.tables.load().values().cloned().collect();
         for table in tables {
             let removed = table.remove_where(|expires| expires <= now);
             self.len.fetch_sub(removed, Ordering::Relaxed);

@@ -54,6 +54,8 @@ pub struct Limit {
     rate: Rate,
     burst: NonZeroU32,
     algorithm: Algorithm,
+    /// The arithmetic, computed once.
+    counter: Counter,
 }
 
 /// A limit's identity: its name and algorithm, the same in every process
@@ -122,13 +124,16 @@ impl Limit {
         let id = LimitId(u64::from_le_bytes(
             digest.as_bytes()[..8].try_into().expect("8 bytes"),
         ));
-        Limit {
+        let mut limit = Limit {
             id,
             name,
             rate,
             burst,
             algorithm,
-        }
+            counter: Counter::Gcra(algorithm::Gcra { t: 1, tau: 0 }),
+        };
+        limit.counter = limit.make_counter();
+        limit
     }
 
     /// This limit's identity (see [`LimitId`]).
@@ -143,6 +148,10 @@ impl Limit {
 
     /// The arithmetic of this limit: what every backend runs.
     pub fn counter(&self) -> Counter {
+        self.counter
+    }
+
+    fn make_counter(&self) -> Counter {
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         match self.algorithm {
             Algorithm::Gcra => Counter::Gcra(algorithm::Gcra::new(
