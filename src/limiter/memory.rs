@@ -57,8 +57,13 @@ const EVICT_DIVISOR: usize = 8;
 /// States sampled to find the eviction threshold.
 const EVICT_SAMPLE: usize = 4096;
 
-/// Stripes per table (a power of two).
-const STRIPES: usize = 64;
+/// Stripes per table: as many as DashMap would shard into (four per CPU,
+/// a power of two), at least 8. More stripes would only cost memory: each is
+/// a hash table of its own, growing by doubling.
+fn stripe_count() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus * 4).next_power_of_two().clamp(8, 256)
+}
 
 /// Limiter state in this process. Build it once and share it (`Arc`) between
 /// all workers: each clone of a per-worker backend would count separately.
@@ -288,7 +293,7 @@ impl<C: Clock> MemoryBackend<C> {
         let mut order: SmallVec<[(LimitId, usize, usize); 4]> = items
             .iter()
             .enumerate()
-            .map(|(i, item)| (item.id, stripe_of(item.digest), i))
+            .map(|(i, item)| (item.id, item.table.stripe(item.digest), i))
             .collect();
         order.sort_unstable();
         let mut guards: SmallVec<[Stripe<'_>; 4]> = SmallVec::new();
@@ -428,14 +433,15 @@ enum Stripe<'a> {
     Window(MutexGuard<'a, Map<State>>),
 }
 
-fn stripe_of(digest: u64) -> usize {
+/// The stripe of `digest` among `count` (a power of two).
+fn stripe_of(digest: u64, count: usize) -> usize {
     // Middle bits: hashbrown uses the low bits for the bucket and the top
     // seven for its tags.
-    (digest >> 32) as usize & (STRIPES - 1)
+    (digest >> 32) as usize & (count - 1)
 }
 
 fn stripes<V>() -> Box<[Mutex<Map<V>>]> {
-    (0..STRIPES).map(|_| Mutex::default()).collect()
+    (0..stripe_count()).map(|_| Mutex::default()).collect()
 }
 
 impl Table {
@@ -449,8 +455,16 @@ impl Table {
         }
     }
 
+    fn stripe(&self, digest: u64) -> usize {
+        let count = match &self.kind {
+            Kind::Tat(s) => s.len(),
+            Kind::Window(s) => s.len(),
+        };
+        stripe_of(digest, count)
+    }
+
     fn lock(&self, digest: u64) -> Stripe<'_> {
-        let i = stripe_of(digest);
+        let i = self.stripe(digest);
         match &self.kind {
             Kind::Tat(s) => Stripe::Tat(s[i].lock().unwrap_or_else(PoisonError::into_inner)),
             Kind::Window(s) => Stripe::Window(s[i].lock().unwrap_or_else(PoisonError::into_inner)),
