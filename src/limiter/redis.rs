@@ -172,7 +172,10 @@ struct Inner {
     /// Keyed by the prefix: replicas sharing one agree (see `redis_key`).
     fingerprints: Fingerprinter,
     timeout: Duration,
-    local: Option<Local>,
+    /// What Redis last answered per (limit, key), under every policy (for
+    /// the limits of a request refused from the cache); under `local` also
+    /// the fallback that decides while Redis cannot, and what it owes.
+    local: Local,
     fallback: Fallback,
     circuit: Circuit,
     blocked: Blocked,
@@ -226,7 +229,7 @@ impl RedisBackend {
                 redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str))?;
             }
         }
-        let local = (fallback == Fallback::Local).then(|| Local::new(MemoryBackend::new(max_keys)));
+        let local = Local::new(MemoryBackend::new(max_keys));
         let prefix = prefix.into();
         Ok(RedisBackend {
             inner: Arc::new(Inner {
@@ -400,9 +403,7 @@ impl Backend for RedisBackend {
 
     fn retain_recent(&self) {
         self.inner.blocked.retain_recent();
-        if let Some(local) = &self.inner.local {
-            local.retain_recent();
-        }
+        self.inner.local.retain_recent();
     }
 
     fn health(&self) -> Health {
@@ -493,9 +494,8 @@ impl Inner {
             let step = counter.step(held, t0);
             let first = (0..i).all(|j| !same(&checks[j], check));
             let decision = if answer.charged {
-                if let Some(local) = &self.local {
-                    local.seen(check.limit, check.key, step.next.or(held), t0);
-                }
+                self.local
+                    .seen(check.limit, check.key, step.next.or(held), t0);
                 match step.decision {
                     allowed @ Decision::Allowed { .. } => allowed,
                     // Redis charged it; its arithmetic and this one agree,
@@ -507,8 +507,8 @@ impl Inner {
                 }
             } else {
                 let held = before(checks, &answer.held, i);
-                if first && let Some(local) = &self.local {
-                    local.seen(check.limit, check.key, held, t0);
+                if first {
+                    self.local.seen(check.limit, check.key, held, t0);
                 }
                 match step.decision {
                     // Charged to none: what the key has without this request.
@@ -523,8 +523,11 @@ impl Inner {
                             self.blocked.insert(
                                 check.limit,
                                 check.key,
-                                answer.sent_at + self.blocked_for(retry_after),
-                                answer.sent_at + reset_after,
+                                Refusal {
+                                    cached_until: answer.sent_at + self.blocked_for(retry_after),
+                                    retry_at: answer.sent_at + retry_after,
+                                    reset_at: answer.sent_at + reset_after,
+                                },
                             );
                         }
                         limited
@@ -569,29 +572,28 @@ impl Inner {
     /// What to report for a check Redis was not asked about: the last
     /// known state under `local`, else a fresh key's budget.
     fn unknown(&self, check: &Check<'_>) -> Decision {
-        match &self.local {
-            Some(local) => match local.peek(check.limit, check.key) {
-                // A refusal is Redis's to say.
-                Decision::Limited { reset_after, .. } => Decision::Allowed {
-                    remaining: 0,
-                    reset_after,
-                },
-                allowed => allowed,
+        match self.local.peek(check.limit, check.key) {
+            // A refusal is Redis's to say.
+            Decision::Limited { reset_after, .. } => Decision::Allowed {
+                remaining: 0,
+                reset_after,
             },
-            None => check.limit.counter().peek(None, 0),
+            allowed => allowed,
         }
     }
 
     fn fallback(&self, checks: &[Check<'_>], err: BackendError) -> Result<Decisions, BackendError> {
-        match &self.local {
-            Some(local) => {
+        match self.fallback {
+            Fallback::Local => {
                 // Under `open` and `closed` the middleware counts the error.
                 if let Some(metrics) = &self.metrics {
                     metrics.backend_errors.inc();
                 }
-                Ok(local.decide(checks, |c| self.redis_key(c.limit, c.key)))
+                Ok(self
+                    .local
+                    .decide(checks, |c| self.redis_key(c.limit, c.key)))
             }
-            None => Err(err),
+            Fallback::Open | Fallback::Closed => Err(err),
         }
     }
 
@@ -779,7 +781,7 @@ impl Inner {
     /// one script call per [`CHARGE_BATCH`] keys (per cluster slot); what
     /// cannot be sent is kept for the next answer.
     async fn charge_back(&self) {
-        let Some(local) = &self.local else { return };
+        let local = &self.local;
         if !local.owes() {
             return;
         }
@@ -969,7 +971,7 @@ mod batch {
 
     use super::scripts;
     use super::{
-        BackendError, Check, Conn, Entry, Groups, Inner, KeyState, RedisTarget, is_outage,
+        BackendError, Check, Conn, Entry, Fallback, Groups, Inner, KeyState, RedisTarget, is_outage,
     };
 
     /// Who takes a call's answer: the batch, if it comes in time, else the
@@ -1183,9 +1185,9 @@ mod batch {
             }
         }
         // For a late answer: each decision's entry count.
-        let sizes: Vec<usize> = match inner.local {
-            Some(_) => batch.iter().map(|p| p.entries.len()).collect(),
-            None => Vec::new(),
+        let sizes: Vec<usize> = match inner.fallback {
+            Fallback::Local => batch.iter().map(|p| p.entries.len()).collect(),
+            Fallback::Open | Fallback::Closed => Vec::new(),
         };
         let handoff = Arc::new(AtomicU8::new(WAITING));
         let mut call = actix_web::rt::spawn({
@@ -1198,7 +1200,8 @@ mod batch {
                 let taken =
                     handoff.compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire);
                 if taken.is_err() {
-                    if let (Ok(values), Some(local)) = (&result, &inner.local) {
+                    if let Ok(values) = &result {
+                        let local = &inner.local;
                         // EVALSHA, sha, count, then the keys.
                         let mut keys = cmd.args_iter().skip(3).filter_map(|arg| match arg {
                             Arg::Simple(key) => Some(key),
@@ -1506,12 +1509,19 @@ impl std::fmt::Display for Probe {
 
 // === Blocked ===
 
-/// (limit, key)s Redis refused, until when (see the module docs), and when
-/// they are back in full.
+/// (limit, key)s Redis refused: until when the refusal is cached (see the
+/// module docs), when a cell is back, and when the key is back in full.
 #[derive(Default)]
 struct Blocked {
-    until: DashMap<u64, (Instant, Instant)>,
+    until: DashMap<u64, Refusal>,
     seed: RandomState,
+}
+
+#[derive(Clone, Copy)]
+struct Refusal {
+    cached_until: Instant,
+    retry_at: Instant,
+    reset_at: Instant,
 }
 
 impl Blocked {
@@ -1524,24 +1534,28 @@ impl Blocked {
     }
 
     fn get(&self, limit: &Limit, key: &RateKey) -> Option<Decision> {
-        let (until, reset) = *self.until.get(&self.digest(limit, key))?;
+        let refusal = *self.until.get(&self.digest(limit, key))?;
         let now = Instant::now();
-        let retry_after = until.checked_duration_since(now)?;
+        refusal.cached_until.checked_duration_since(now)?;
+        let retry_after = refusal.retry_at.saturating_duration_since(now);
         Some(Decision::Limited {
             retry_after,
-            reset_after: reset.saturating_duration_since(now).max(retry_after),
+            reset_after: refusal
+                .reset_at
+                .saturating_duration_since(now)
+                .max(retry_after),
         })
     }
 
-    fn insert(&self, limit: &Limit, key: &RateKey, until: Instant, reset: Instant) {
+    fn insert(&self, limit: &Limit, key: &RateKey, refusal: Refusal) {
         if self.until.len() < BLOCKED_CAP {
-            self.until.insert(self.digest(limit, key), (until, reset));
+            self.until.insert(self.digest(limit, key), refusal);
         }
     }
 
     fn retain_recent(&self) {
         let now = Instant::now();
-        self.until.retain(|_, (until, _)| *until > now);
+        self.until.retain(|_, r| r.cached_until > now);
     }
 }
 
