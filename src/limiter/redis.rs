@@ -1263,18 +1263,17 @@ mod batch {
         match result {
             Some(Ok(values)) if values.len() == expected => {
                 let t0 = u64::try_from(values[0]).unwrap_or(0);
-                let mut at = 1;
+                // Per decision: its flag, then three numbers per entry.
+                let mut rest = &values[1..];
                 for p in batch.iter_mut() {
-                    let charged = values[at] == 1;
-                    at += 1;
+                    let (answer, tail) = rest.split_at(1 + 3 * p.entries.len());
+                    rest = tail;
+                    let charged = answer[0] == 1;
                     let held = p
                         .entries
                         .iter()
-                        .map(|e| {
-                            let v = &values[at..at + 3];
-                            at += 3;
-                            scripts::state(e.params.code, v[0], v[1], v[2])
-                        })
+                        .zip(answer[1..].chunks_exact(3))
+                        .map(|(e, v)| scripts::state(e.params.code, v[0], v[1], v[2]))
                         .collect();
                     p.answer(Ok(Answer {
                         t0,
