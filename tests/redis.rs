@@ -1379,3 +1379,71 @@ async fn window_keys_are_their_own_and_expire_with_their_state() {
     let ttl = pttl(&redis, names[0]);
     assert!(ttl > 5000 && ttl <= 6000, "PTTL {} = {ttl}", names[0]);
 }
+
+/// Under `local`, a request with three limits (one per algorithm) decided
+/// while Redis is frozen starts from what Redis last said for each, and what
+/// it admits is in Redis once Redis answers: five per key in all, however
+/// the admissions were split between Redis, this replica, and decisions
+/// Redis ran late.
+#[actix_web::test]
+async fn every_algorithm_is_charged_back_after_an_outage() {
+    use floodgate::limiter::{Algorithm, Check, Fallback, RedisTarget};
+    use floodgate::{Backend, Limit, RateKey, RedisBackend};
+    use std::num::NonZeroU32;
+
+    let redis = RedisServer::start();
+    let backend = RedisBackend::new(
+        RedisTarget::Single(redis.url()),
+        "floodgate:",
+        TIMEOUT,
+        Fallback::Local,
+        1000,
+    )
+    .unwrap();
+    backend.start();
+    let up = async |want: bool| {
+        let deadline = Instant::now() + patience();
+        while backend.is_up() != want {
+            assert!(
+                Instant::now() < deadline,
+                "never up={want}; log:\n{}",
+                redis.log()
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    up(true).await;
+    let gcra = Limit::new("g", "5/h".parse().unwrap(), NonZeroU32::new(5).unwrap());
+    let fixed = Limit::window("f", "5/d".parse().unwrap(), Algorithm::FixedWindow).unwrap();
+    let sliding = Limit::window("s", "5/d".parse().unwrap(), Algorithm::SlidingWindow).unwrap();
+    let k = RateKey::bytes("outage");
+    let checks: Vec<Check<'_>> = [&gcra, &fixed, &sliding]
+        .into_iter()
+        .map(|limit| Check { limit, key: &k })
+        .collect();
+    let remaining = async || -> Vec<u32> {
+        let d = backend.check_all(&checks).await.expect("local decides");
+        d.iter()
+            .map(|d| if d.is_allowed() { d.remaining() } else { 99 })
+            .collect()
+    };
+    assert_eq!(remaining().await, [4, 4, 4], "through Redis");
+    assert_eq!(remaining().await, [3, 3, 3], "through Redis");
+    redis.freeze();
+    // Decided locally, from the state Redis last answered.
+    assert_eq!(remaining().await, [2, 2, 2], "frozen: the first times out");
+    up(false).await;
+    assert_eq!(remaining().await, [1, 1, 1], "circuit open");
+    redis.thaw();
+    up(true).await;
+    assert_eq!(
+        remaining().await,
+        [0, 0, 0],
+        "through Redis after the outage"
+    );
+    assert_eq!(
+        remaining().await,
+        [99, 99, 99],
+        "all five are spent in Redis"
+    );
+}
