@@ -1,6 +1,8 @@
 //! One limiter decision, in memory: one hot key, and 100k distinct keys (the
 //! bench harness's `keys` scenario), against a naive mutex-and-hashmap GCRA
-//! baseline keyed by `String`, as a first prototype would write it.
+//! baseline keyed by `String`, as a first prototype would write it; and a
+//! request checked against three limits at once (one per algorithm) beside
+//! one checked against one (issue 11's target: three under twice one).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::http::header::HeaderValue;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use floodgate::limiter::{Algorithm, Check};
 use floodgate::{Limit, MemoryBackend, RateKey};
 
 const KEYS: usize = 100_000;
@@ -86,5 +89,63 @@ fn decisions(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decisions);
+/// `check_all` of one limit against three (GCRA, fixed and sliding window,
+/// all on the request's key), over 100k keys.
+fn several_limits(c: &mut Criterion) {
+    let mut group = c.benchmark_group("check_all");
+    let keys = api_keys();
+    let memory = MemoryBackend::new(1_000_000);
+    let gcra = limit();
+    let rate = "1000000/s".parse().unwrap();
+    let fixed = Limit::window("fixed", rate, Algorithm::FixedWindow).unwrap();
+    let sliding = Limit::window(
+        "sliding",
+        "1000000/min".parse().unwrap(),
+        Algorithm::SlidingWindow,
+    )
+    .unwrap();
+    let mut i = 0;
+    group.bench_function(
+        BenchmarkId::new("MemoryBackend", "1 limit, 100k keys"),
+        |b| {
+            b.iter(|| {
+                i = (i + 7919) % KEYS;
+                let key = RateKey::header(keys[i].clone());
+                let checks = [Check {
+                    limit: &gcra,
+                    key: &key,
+                }];
+                black_box(memory.decide_all(&checks))
+            })
+        },
+    );
+    let mut i = 0;
+    group.bench_function(
+        BenchmarkId::new("MemoryBackend", "3 limits, 100k keys"),
+        |b| {
+            b.iter(|| {
+                i = (i + 7919) % KEYS;
+                let key = RateKey::header(keys[i].clone());
+                let checks = [
+                    Check {
+                        limit: &gcra,
+                        key: &key,
+                    },
+                    Check {
+                        limit: &fixed,
+                        key: &key,
+                    },
+                    Check {
+                        limit: &sliding,
+                        key: &key,
+                    },
+                ];
+                black_box(memory.decide_all(&checks))
+            })
+        },
+    );
+    group.finish();
+}
+
+criterion_group!(benches, decisions, several_limits);
 criterion_main!(benches);
