@@ -1,15 +1,23 @@
-//! One set of cases, run against every backend: memory and Redis must agree
-//! on bursts, refill, remaining, retry-after and isolation (governor runs its
-//! tests against each state store the same way).
+//! One set of cases, run against every backend: memory, one Redis and a
+//! Redis Cluster must agree on bursts, refill, remaining, retry-after,
+//! isolation, each algorithm's window boundaries, all-or-nothing over
+//! several limits, and exactness under concurrency (governor runs its tests
+//! against each state store the same way).
+//!
+//! Boundaries: the memory backend runs on governor's fake clock anchored at
+//! an instant after the epoch, so boundaries are exact; Redis runs on its
+//! own `TIME`, so its cases wait for real time with 2-second windows, placed
+//! just before a boundary (each such case takes at most about 2.5 s).
 
 mod support;
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use floodgate::limiter::{Check, Decisions, Fallback, RedisTarget};
+use floodgate::limiter::{Algorithm, Check, Decisions, Fallback, RedisTarget};
 use floodgate::{Backend, Decision, Limit, MemoryBackend, RateKey, RedisBackend};
+use governor::clock::FakeRelativeClock;
 
 fn limit(rate: &str, burst: u32) -> Limit {
     Limit::new(
@@ -249,35 +257,387 @@ async fn concurrent_checks_never_share_the_last_cell(
     assert_eq!(allowed, 30);
 }
 
+// === time, for the window cases ===
+
+/// Time as a backend sees it: the memory backend's fake clock (with the
+/// instant after the epoch it stands at), or real time (Redis's `TIME`).
+enum Clock {
+    Fake {
+        clock: FakeRelativeClock,
+        at: Mutex<Duration>,
+    },
+    Real,
+}
+
+impl Clock {
+    fn now(&self) -> Duration {
+        match self {
+            Clock::Fake { at, .. } => *at.lock().unwrap(),
+            Clock::Real => SystemTime::now().duration_since(UNIX_EPOCH).unwrap(),
+        }
+    }
+
+    async fn sleep_until(&self, t: Duration) {
+        let wait = t.saturating_sub(self.now());
+        match self {
+            Clock::Fake { clock, at } => {
+                clock.advance(wait);
+                *at.lock().unwrap() += wait;
+            }
+            Clock::Real => actix_web::rt::time::sleep(wait).await,
+        }
+    }
+
+    /// Waits until `lead` before a multiple of `window` since the epoch;
+    /// returns that boundary.
+    async fn before_boundary(&self, window: Duration, lead: Duration) -> Duration {
+        let w = window.as_micros();
+        let after = (self.now() + lead).as_micros();
+        let boundary = Duration::from_micros(((after / w + 1) * w) as u64);
+        self.sleep_until(boundary - lead).await;
+        boundary
+    }
+}
+
+/// A backend and the clock it decides by.
+type Clocked = (Arc<dyn Backend>, Clock);
+
+/// How far before a boundary the window cases start.
+const LEAD: Duration = Duration::from_millis(200);
+/// How far after it they go on.
+const AFTER: Duration = Duration::from_millis(20);
+
+fn window(name: &str, rate: &str, algorithm: Algorithm) -> Limit {
+    Limit::window(name, rate.parse().unwrap(), algorithm).unwrap()
+}
+
+/// Sends `n` checks one after the other; returns how many were allowed.
+async fn admitted(b: &dyn Backend, l: &Limit, k: &RateKey, n: usize) -> usize {
+    let mut allowed = 0;
+    for _ in 0..n {
+        allowed += usize::from(check(b, l, k).await.is_allowed());
+    }
+    allowed
+}
+
+async fn fixed_window_admits_2n_across_a_boundary(make: impl AsyncFn() -> Clocked) {
+    let (b, clock) = make().await;
+    let l = window("fixed", "5/2s", Algorithm::FixedWindow);
+    let k = key("fixed-boundary");
+    let boundary = clock.before_boundary(Duration::from_secs(2), LEAD).await;
+    assert_eq!(admitted(&*b, &l, &k, 5).await, 5, "the window's n");
+    let Decision::Limited { retry_after, .. } = check(&*b, &l, &k).await else {
+        panic!("the sixth in one window is refused")
+    };
+    assert!(
+        retry_after <= LEAD,
+        "retry at the boundary: {retry_after:?}"
+    );
+    clock.sleep_until(boundary + AFTER).await;
+    assert_eq!(
+        admitted(&*b, &l, &k, 6).await,
+        5,
+        "a new window: n more, 2n within {:?}",
+        LEAD + AFTER
+    );
+}
+
+async fn sliding_window_does_not_admit_2n_across_a_boundary(make: impl AsyncFn() -> Clocked) {
+    let (b, clock) = make().await;
+    let l = window("sliding", "5/2s", Algorithm::SlidingWindow);
+    let k = key("sliding-boundary");
+    let boundary = clock.before_boundary(Duration::from_secs(2), LEAD).await;
+    assert_eq!(admitted(&*b, &l, &k, 6).await, 5, "the window's n");
+    clock.sleep_until(boundary + AFTER).await;
+    // 20 to 400 ms into the new window the previous one weighs
+    // floor(5 * (2000 - e) / 2000) = 4: one more request fits, not five.
+    assert_eq!(
+        admitted(&*b, &l, &k, 6).await,
+        1,
+        "n + 1 across the boundary"
+    );
+    let Decision::Limited { retry_after, .. } = check(&*b, &l, &k).await else {
+        panic!("refused")
+    };
+    assert!(
+        retry_after > Duration::from_millis(100),
+        "the estimate decays slowly: {retry_after:?}"
+    );
+}
+
+async fn gcra_knows_no_window_boundary(make: impl AsyncFn() -> Clocked) {
+    let (b, clock) = make().await;
+    // T = 400 ms: no cell comes back within LEAD + AFTER.
+    let l = limit("5/2s", 5);
+    let k = key("gcra-boundary");
+    let boundary = clock.before_boundary(Duration::from_secs(2), LEAD).await;
+    assert_eq!(admitted(&*b, &l, &k, 6).await, 5, "the burst");
+    clock.sleep_until(boundary + AFTER).await;
+    assert_eq!(
+        admitted(&*b, &l, &k, 3).await,
+        0,
+        "a boundary gives nothing back"
+    );
+}
+
+// === several limits ===
+
+fn checks<'a>(limits: &[&'a Limit], k: &'a RateKey) -> Vec<Check<'a>> {
+    limits
+        .iter()
+        .map(|&limit| Check { limit, key: k })
+        .collect()
+}
+
+async fn check_all(b: &dyn Backend, checks: &[Check<'_>]) -> Decisions {
+    b.check_all(checks).await.expect("backend answers")
+}
+
+async fn a_request_refused_by_one_of_two_limits_is_charged_to_neither(
+    make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>,
+) {
+    let burst = Limit::new("burst", "1/h".parse().unwrap(), NonZeroU32::new(3).unwrap());
+    let quota = window("quota", "2/d", Algorithm::FixedWindow);
+    let b = make(&[&burst, &quota]).await;
+    let k = key("two");
+    let both = checks(&[&burst, &quota], &k);
+    let first = check_all(&*b, &both).await;
+    assert_eq!(
+        (first[0].remaining(), first[1].remaining()),
+        (2, 1),
+        "{first:?}"
+    );
+    assert!(check_all(&*b, &both).await.iter().all(Decision::is_allowed));
+    for _ in 0..3 {
+        let refused = check_all(&*b, &both).await;
+        assert!(
+            refused[0].is_allowed() && !refused[1].is_allowed(),
+            "{refused:?}"
+        );
+        assert_eq!(refused[0].remaining(), 1, "the burst was not charged");
+    }
+    // Alone, the burst limit still has its last cell.
+    assert_eq!(check(&*b, &burst, &k).await.remaining(), 0);
+    assert!(!check(&*b, &burst, &k).await.is_allowed());
+}
+
+async fn a_request_refused_by_one_of_three_limits_is_charged_to_none(
+    make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>,
+) {
+    let sliding = window("s3", "2/d", Algorithm::SlidingWindow);
+    let gcra = Limit::new("g3", "1/h".parse().unwrap(), NonZeroU32::new(5).unwrap());
+    let fixed = window("f3", "10/d", Algorithm::FixedWindow);
+    let b = make(&[&sliding, &gcra, &fixed]).await;
+    let k = key("three");
+    let all = checks(&[&sliding, &gcra, &fixed], &k);
+    for _ in 0..2 {
+        assert!(check_all(&*b, &all).await.iter().all(Decision::is_allowed));
+    }
+    for _ in 0..3 {
+        let refused = check_all(&*b, &all).await;
+        assert!(!refused[0].is_allowed(), "{refused:?}");
+        assert_eq!(
+            (refused[1].remaining(), refused[2].remaining()),
+            (3, 8),
+            "the others report what they have without the request: {refused:?}"
+        );
+    }
+    assert_eq!(check(&*b, &gcra, &k).await.remaining(), 2);
+    assert_eq!(check(&*b, &fixed, &k).await.remaining(), 7);
+}
+
+/// A limit on one key for everyone and one per client: on a Cluster the two
+/// keys are in different slots. Several clients, so that the limit that
+/// refuses comes first in slot order for some and last for others (`{g}` is
+/// slot 7233; clients 4, 5, 8, 10, 11, 14 and 15 hash below it, 3, 6, 7, 12
+/// and 13 above): both the refund of a charged slot and the look at a slot
+/// after a refusal are exercised.
+async fn limits_on_different_keys_are_all_or_nothing_too(
+    make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>,
+) {
+    let everyone = Limit::new(
+        "everyone",
+        "1/h".parse().unwrap(),
+        NonZeroU32::new(2).unwrap(),
+    );
+    let per_client = Limit::new(
+        "per-client",
+        "1/h".parse().unwrap(),
+        NonZeroU32::new(1).unwrap(),
+    );
+    let b = make(&[&everyone, &per_client]).await;
+    let global = RateKey::global();
+    let client = |n: u8| RateKey::ip(format!("192.0.2.{n}").parse().unwrap());
+    let request = |c: &RateKey| -> [RateKey; 2] { [global.clone(), c.clone()] };
+    let decide = async |keys: &[RateKey; 2]| {
+        let checks = [
+            Check {
+                limit: &everyone,
+                key: &keys[0],
+            },
+            Check {
+                limit: &per_client,
+                key: &keys[1],
+            },
+        ];
+        check_all(&*b, &checks).await
+    };
+    // Two clients take the global budget; one more refuses each of the
+    // clients after, whose own cell must stay untaken.
+    for n in 1..=2 {
+        assert!(
+            decide(&request(&client(n)))
+                .await
+                .iter()
+                .all(Decision::is_allowed)
+        );
+    }
+    for n in 3..=8 {
+        let d = decide(&request(&client(n))).await;
+        assert!(!d[0].is_allowed() && d[1].is_allowed(), "client {n}: {d:?}");
+        assert_eq!(d[1].remaining(), 1, "client {n}: own limit not charged");
+        assert_eq!(check(&*b, &per_client, &client(n)).await.remaining(), 0);
+    }
+    // The other way round: a client's own limit refuses, the global one is
+    // not charged.
+    let everyone = Limit::new(
+        "everyone-2",
+        "1/h".parse().unwrap(),
+        NonZeroU32::new(20).unwrap(),
+    );
+    let b2 = make(&[&everyone, &per_client]).await;
+    let decide = async |keys: &[RateKey; 2]| {
+        let checks = [
+            Check {
+                limit: &everyone,
+                key: &keys[0],
+            },
+            Check {
+                limit: &per_client,
+                key: &keys[1],
+            },
+        ];
+        check_all(&*b2, &checks).await
+    };
+    for n in 10..16 {
+        let keys = request(&client(n));
+        assert!(decide(&keys).await.iter().all(Decision::is_allowed));
+        let refused = decide(&keys).await;
+        assert!(
+            refused[0].is_allowed() && !refused[1].is_allowed(),
+            "{refused:?}"
+        );
+    }
+    // Six admitted in all: 14 left.
+    assert_eq!(check(&*b2, &everyone, &global).await.remaining(), 13);
+}
+
+// === exactness under concurrency ===
+
+/// `n` checks at once; how many were allowed.
+async fn stampede(backends: &[Arc<dyn Backend>], checks: &[Check<'_>], n: usize) -> usize {
+    let all = (0..n).map(|i| backends[i % backends.len()].check_all(checks));
+    futures_util::future::join_all(all)
+        .await
+        .into_iter()
+        .filter(|d| {
+            d.as_ref()
+                .expect("backend answers")
+                .iter()
+                .all(Decision::is_allowed)
+        })
+        .count()
+}
+
+/// 20 per day under each algorithm, one limit and two together: 60
+/// requests at once admit exactly 20, spread over `backends` (replicas).
+async fn concurrent_requests_admit_exactly_the_burst(backends: &[Arc<dyn Backend>]) {
+    let gcra = Limit::new(
+        "c-gcra",
+        "20/d".parse().unwrap(),
+        NonZeroU32::new(20).unwrap(),
+    );
+    let fixed = window("c-fixed", "20/d", Algorithm::FixedWindow);
+    let sliding = window("c-sliding", "20/d", Algorithm::SlidingWindow);
+    let k = key("stampede");
+    for l in [&gcra, &fixed, &sliding] {
+        let admitted = stampede(backends, &checks(&[l], &k), 60).await;
+        assert_eq!(admitted, 20, "{}", l.algorithm());
+    }
+    let burst = Limit::new(
+        "c-burst",
+        "1/h".parse().unwrap(),
+        NonZeroU32::new(20).unwrap(),
+    );
+    let quota = window("c-quota", "30/d", Algorithm::SlidingWindow);
+    let both = checks(&[&burst, &quota], &k);
+    assert_eq!(stampede(backends, &both, 60).await, 20, "two limits");
+    // The 40 refused were charged to neither.
+    assert_eq!(check(&*backends[0], &quota, &k).await.remaining(), 9);
+}
+
+async fn concurrent_requests_on_one_backend(make: impl AsyncFn(&[&Limit]) -> Arc<dyn Backend>) {
+    let b = make(&[]).await;
+    concurrent_requests_admit_exactly_the_burst(&[b]).await;
+}
+
 macro_rules! conformance {
-    ($make:expr) => {
+    ($make:expr, $clocked:expr) => {
+        #[actix_web::test]
+        async fn fixed_window_admits_2n_across_a_boundary() {
+            crate::fixed_window_admits_2n_across_a_boundary($clocked).await
+        }
+        #[actix_web::test]
+        async fn sliding_window_does_not_admit_2n_across_a_boundary() {
+            crate::sliding_window_does_not_admit_2n_across_a_boundary($clocked).await
+        }
+        #[actix_web::test]
+        async fn gcra_knows_no_window_boundary() {
+            crate::gcra_knows_no_window_boundary($clocked).await
+        }
+        #[actix_web::test]
+        async fn a_request_refused_by_one_of_two_limits_is_charged_to_neither() {
+            crate::a_request_refused_by_one_of_two_limits_is_charged_to_neither($make).await
+        }
+        #[actix_web::test]
+        async fn a_request_refused_by_one_of_three_limits_is_charged_to_none() {
+            crate::a_request_refused_by_one_of_three_limits_is_charged_to_none($make).await
+        }
+        #[actix_web::test]
+        async fn limits_on_different_keys_are_all_or_nothing_too() {
+            crate::limits_on_different_keys_are_all_or_nothing_too($make).await
+        }
+        #[actix_web::test]
+        async fn concurrent_requests_on_one_backend() {
+            crate::concurrent_requests_on_one_backend($make).await
+        }
         #[actix_web::test]
         async fn burst_is_taken_then_limited() {
-            super::burst_is_taken_then_limited($make).await
+            crate::burst_is_taken_then_limited($make).await
         }
         #[actix_web::test]
         async fn a_refusal_takes_nothing() {
-            super::a_refusal_takes_nothing($make).await
+            crate::a_refusal_takes_nothing($make).await
         }
         #[actix_web::test]
         async fn cells_come_back_one_per_emission_interval() {
-            super::cells_come_back_one_per_emission_interval($make).await
+            crate::cells_come_back_one_per_emission_interval($make).await
         }
         #[actix_web::test]
         async fn keys_are_isolated() {
-            super::keys_are_isolated($make).await
+            crate::keys_are_isolated($make).await
         }
         #[actix_web::test]
         async fn limits_are_isolated() {
-            super::limits_are_isolated($make).await
+            crate::limits_are_isolated($make).await
         }
         #[actix_web::test]
         async fn values_never_spell_another_values_id() {
-            super::values_never_spell_another_values_id($make).await
+            crate::values_never_spell_another_values_id($make).await
         }
         #[actix_web::test]
         async fn concurrent_checks_never_share_the_last_cell() {
-            super::concurrent_checks_never_share_the_last_cell($make).await
+            crate::concurrent_checks_never_share_the_last_cell($make).await
         }
     };
 }
@@ -289,18 +649,50 @@ mod memory {
         Arc::new(MemoryBackend::new(10_000))
     }
 
-    conformance!(make);
+    /// Half a second past an epoch second: boundaries are the clock's to cross.
+    async fn clocked() -> Clocked {
+        let clock = FakeRelativeClock::default();
+        let at = Duration::from_millis(1_800_000_000_500);
+        let backend = MemoryBackend::with_clock_at(10_000, clock.clone(), at);
+        (
+            Arc::new(backend),
+            Clock::Fake {
+                clock,
+                at: Mutex::new(at),
+            },
+        )
+    }
+
+    conformance!(make, clocked);
 }
 
 mod redis {
     use super::*;
-    use support::RedisServer;
+    use support::{RedisCluster, RedisServer};
+
+    /// What a backend's Redis is: its own server, its own cluster, or a
+    /// server other backends share.
+    enum Guard {
+        Server(RedisServer),
+        Cluster(RedisCluster),
+        Shared(Arc<RedisServer>),
+    }
+
+    impl Guard {
+        fn log(&self) -> String {
+            match self {
+                Guard::Server(s) => s.log(),
+                Guard::Shared(s) => s.log(),
+                Guard::Cluster(c) => c.nodes.iter().map(RedisServer::log).collect(),
+            }
+        }
+    }
 
     /// A Redis backend that owns the redis-server it talks to: the server
     /// lives exactly as long as the backend (the last `Arc` clone).
     struct WithServer {
         backend: RedisBackend,
-        _server: RedisServer,
+        _server: Guard,
     }
 
     #[async_trait::async_trait(?Send)]
@@ -324,11 +716,9 @@ mod redis {
         }
     }
 
-    /// Each backend gets its own redis-server.
-    async fn make(_limits: &[&Limit]) -> Arc<dyn Backend> {
-        let server = RedisServer::start();
+    async fn backend(target: RedisTarget, server: Guard) -> Arc<dyn Backend> {
         let backend = RedisBackend::new(
-            RedisTarget::Single(server.url()),
+            target,
             "conformance:",
             Duration::from_secs(2),
             Fallback::Closed,
@@ -352,5 +742,45 @@ mod redis {
         })
     }
 
-    conformance!(make);
+    /// Each backend gets its own redis-server.
+    async fn make(_limits: &[&Limit]) -> Arc<dyn Backend> {
+        let server = RedisServer::start();
+        backend(RedisTarget::Single(server.url()), Guard::Server(server)).await
+    }
+
+    async fn clocked() -> Clocked {
+        (make(&[]).await, Clock::Real)
+    }
+
+    conformance!(make, clocked);
+
+    /// Three backends, as three replicas, on one redis-server.
+    #[actix_web::test]
+    async fn three_replicas_admit_exactly_the_burst() {
+        let server = Arc::new(RedisServer::start());
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            let target = RedisTarget::Single(server.url());
+            replicas.push(backend(target, Guard::Shared(server.clone())).await);
+        }
+        concurrent_requests_admit_exactly_the_burst(&replicas).await;
+    }
+
+    /// The same cases on a three-node Redis Cluster, where a request's keys
+    /// may be in several slots.
+    mod cluster {
+        use super::*;
+
+        async fn make(_limits: &[&Limit]) -> Arc<dyn Backend> {
+            let cluster = RedisCluster::start();
+            let nodes = cluster.nodes.iter().map(RedisServer::url).collect();
+            backend(RedisTarget::Cluster(nodes), Guard::Cluster(cluster)).await
+        }
+
+        async fn clocked() -> Clocked {
+            (make(&[]).await, Clock::Real)
+        }
+
+        conformance!(make, clocked);
+    }
 }

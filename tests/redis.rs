@@ -1297,3 +1297,153 @@ fn a_read_only_replica_keeps_the_circuit_open_without_flapping() {
     );
     assert!(log.contains("read only replica"), "{log}");
 }
+
+// === window algorithms ===
+
+/// One limit name under all three algorithms: three keys, none reading
+/// another's state, each holding its algorithm's state and expiring when
+/// that state stops mattering (a fixed window at its end, a sliding one a
+/// window later).
+#[actix_web::test]
+async fn window_keys_are_their_own_and_expire_with_their_state() {
+    use floodgate::limiter::{Algorithm, Check, Fallback, RedisTarget};
+    use floodgate::{Backend, Limit, RateKey, RedisBackend};
+    use std::num::NonZeroU32;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    let redis = RedisServer::start();
+    let backend = RedisBackend::new(
+        RedisTarget::Single(redis.url()),
+        "floodgate:",
+        Duration::from_secs(2),
+        Fallback::Closed,
+        1000,
+    )
+    .unwrap();
+    backend.start();
+    let deadline = Instant::now() + patience();
+    while !backend.is_up() {
+        assert!(Instant::now() < deadline, "never up; log:\n{}", redis.log());
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    let gcra = Limit::new(
+        "api",
+        "10/min".parse().unwrap(),
+        NonZeroU32::new(10).unwrap(),
+    );
+    let fixed = Limit::window("api", "5/10s".parse().unwrap(), Algorithm::FixedWindow).unwrap();
+    let sliding = Limit::window("api", "5/10s".parse().unwrap(), Algorithm::SlidingWindow).unwrap();
+    let ip = RateKey::ip("192.0.2.7".parse().unwrap());
+    let checks: Vec<Check<'_>> = [&gcra, &fixed, &sliding]
+        .into_iter()
+        .map(|limit| Check { limit, key: &ip })
+        .collect();
+    // Not within half a second of a window boundary: the window the
+    // request counts in is the one computed below.
+    let since_epoch = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    if since_epoch().as_millis() % 10_000 > 9_500 {
+        actix_web::rt::time::sleep(Duration::from_millis(600)).await; // past the boundary
+    }
+    let decisions = backend.check_all(&checks).await.unwrap();
+    let now = since_epoch();
+    assert_eq!(
+        decisions.iter().map(|d| d.remaining()).collect::<Vec<_>>(),
+        [9, 4, 4],
+        "{decisions:?}"
+    );
+    let keys = scan(&redis);
+    let names = [
+        "floodgate:{ip:192.0.2.7}:api",
+        "floodgate:{ip:192.0.2.7}.fw:api",
+        "floodgate:{ip:192.0.2.7}.sw:api",
+    ];
+    assert_eq!(keys, names.iter().map(|k| k.to_string()).collect());
+    for (limit, name) in [&gcra, &fixed, &sliding].into_iter().zip(names) {
+        assert_eq!(backend.redis_key(limit, &ip), name.as_bytes());
+    }
+    let window = 10_000_000u128;
+    let end = (now.as_micros() / window + 1) * window;
+    let value = |key: &str| redis.cli(&["GET", key]).unwrap();
+    assert_eq!(value(names[1]), format!("{end}:1"));
+    assert_eq!(value(names[2]), format!("{}:1:0", end + window));
+    // PTTL = the state's expiry - now (ms), within the test's own delays.
+    let left_ms = |until: u128| ((until - now.as_micros()) / 1000) as i64;
+    for (name, until) in [(names[1], end), (names[2], end + window)] {
+        let ttl = pttl(&redis, name);
+        assert!(
+            ttl <= left_ms(until) + 1 && ttl > left_ms(until) - 1000,
+            "PTTL {name} = {ttl}, expected about {}",
+            left_ms(until)
+        );
+    }
+    let ttl = pttl(&redis, names[0]);
+    assert!(ttl > 5000 && ttl <= 6000, "PTTL {} = {ttl}", names[0]);
+}
+
+/// Under `local`, a request with three limits (one per algorithm) decided
+/// while Redis is frozen starts from what Redis last said for each, and what
+/// it admits is in Redis once Redis answers: five per key in all, however
+/// the admissions were split between Redis, this replica, and decisions
+/// Redis ran late.
+#[actix_web::test]
+async fn every_algorithm_is_charged_back_after_an_outage() {
+    use floodgate::limiter::{Algorithm, Check, Fallback, RedisTarget};
+    use floodgate::{Backend, Limit, RateKey, RedisBackend};
+    use std::num::NonZeroU32;
+
+    let redis = RedisServer::start();
+    let backend = RedisBackend::new(
+        RedisTarget::Single(redis.url()),
+        "floodgate:",
+        TIMEOUT,
+        Fallback::Local,
+        1000,
+    )
+    .unwrap();
+    backend.start();
+    let up = async |want: bool| {
+        let deadline = Instant::now() + patience();
+        while backend.is_up() != want {
+            assert!(
+                Instant::now() < deadline,
+                "never up={want}; log:\n{}",
+                redis.log()
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    up(true).await;
+    let gcra = Limit::new("g", "5/h".parse().unwrap(), NonZeroU32::new(5).unwrap());
+    let fixed = Limit::window("f", "5/d".parse().unwrap(), Algorithm::FixedWindow).unwrap();
+    let sliding = Limit::window("s", "5/d".parse().unwrap(), Algorithm::SlidingWindow).unwrap();
+    let k = RateKey::bytes("outage");
+    let checks: Vec<Check<'_>> = [&gcra, &fixed, &sliding]
+        .into_iter()
+        .map(|limit| Check { limit, key: &k })
+        .collect();
+    let remaining = async || -> Vec<u32> {
+        let d = backend.check_all(&checks).await.expect("local decides");
+        d.iter()
+            .map(|d| if d.is_allowed() { d.remaining() } else { 99 })
+            .collect()
+    };
+    assert_eq!(remaining().await, [4, 4, 4], "through Redis");
+    assert_eq!(remaining().await, [3, 3, 3], "through Redis");
+    redis.freeze();
+    // Decided locally, from the state Redis last answered.
+    assert_eq!(remaining().await, [2, 2, 2], "frozen: the first times out");
+    up(false).await;
+    assert_eq!(remaining().await, [1, 1, 1], "circuit open");
+    redis.thaw();
+    up(true).await;
+    assert_eq!(
+        remaining().await,
+        [0, 0, 0],
+        "through Redis after the outage"
+    );
+    assert_eq!(
+        remaining().await,
+        [99, 99, 99],
+        "all five are spent in Redis"
+    );
+}

@@ -1,20 +1,49 @@
 //! Limiter state in Redis, shared by every floodgate replica that uses it.
 //!
-//! One decision is one atomic Lua script ([`GCRA_SCRIPT`]) that mirrors
-//! governor's `Gcra::test_and_update` step by step, with Redis's own `TIME` as
-//! the clock so replicas with skewed clocks still agree. It runs through
-//! `EVALSHA`, reloaded automatically after `NOSCRIPT` (`redis::Script`), over
-//! one multiplexed connection (a `ConnectionManager`, or a cluster
-//! connection) per worker, which that worker's event loop drives, so
-//! concurrent decisions are pipelined and no answer waits for another
-//! thread.
+//! A request is decided by one atomic Lua script ([`DECIDE_SCRIPT`]) over
+//! all of its limits at once: it is charged to every one of them if each
+//! allows it, else to none (as the memory backend decides). The script is
+//! the [`algorithm`](super::algorithm) module line for line, for GCRA and
+//! both windows, with Redis's own `TIME` as the clock, so replicas with
+//! skewed clocks still agree. It runs through `EVALSHA`, reloaded
+//! automatically after `NOSCRIPT` (`redis::Script`), over one multiplexed
+//! connection (a `ConnectionManager`, or a cluster connection) per worker,
+//! which that worker's event loop drives, so concurrent decisions are
+//! pipelined and no answer waits for another thread. The script answers the
+//! states it decided on, and this module runs the same `Counter` arithmetic
+//! on them to report remaining cells and retry times, so Redis and memory
+//! report alike.
 //!
-//! Keys are `<prefix>{<client key>}:<limit>`, the client key being
+//! Keys are `<prefix>{<client key>}:<limit>` for GCRA (as before there were
+//! several algorithms) and `<prefix>{<client key>}.fw:<limit>` /
+//! `.sw:<limit>` for a fixed / sliding window, the client key being
 //! [`RateKey::stable_id`] (an address in clear, an API key only as its
-//! fingerprint keyed by the prefix): the braces are a Redis Cluster hash tag, so every limit of one client lands in one slot (a later rule
-//! with several limits can check them in one script). Each key lives only
-//! until it would be indistinguishable from a fresh one (`PX` = TAT − now), so
-//! no key lives forever and Redis memory stays bounded by active clients.
+//! fingerprint keyed by the prefix). The character after the braces tells
+//! the algorithm whatever the limit's name, so a limit that changes
+//! algorithm never reads the other's state. The braces are a Redis Cluster
+//! hash tag, so every limit of one client lands in one slot. Each key lives
+//! only until its state is indistinguishable from none (`PX` = its
+//! `expires` − now), so Redis memory stays bounded by active clients.
+//!
+//! # Redis Cluster: limits whose keys are in different slots
+//!
+//! A script can only touch keys of one slot, and a request's limits need not
+//! share one: a limit with its own `key = "global"` is `{g}`, the rule's
+//! other limit `{ip:…}`. Such a request is decided slot group by slot group,
+//! in ascending slot order, each group atomically; if a group refuses, the
+//! groups already charged are refunded by [`REFUND_SCRIPT`] (one cell back
+//! per entry, never more than was taken) and the groups after it are only
+//! looked at, not charged. So a refused request is charged to none of its
+//! limits once its answer is out, a limit never admits more than it allows,
+//! and the fixed order means two such requests racing for the last cells
+//! cannot both refuse each other for good. What is not atomic: between a
+//! group's charge and its refund (one round trip), a concurrent request may
+//! see the charge and be refused, and a refund Redis never receives (a
+//! timeout) leaves the charge in place as if the request had been admitted
+//! for that limit. Refusals are cached at most [`CLUSTER_BLOCKED_MAX`] on a
+//! Cluster, for that reason. Requests whose keys share a slot (one key for
+//! all limits, as without `key` overrides) are one atomic script, exactly as
+//! on one Redis.
 //!
 //! When Redis is slow or down, each decision gives up after `timeout` and
 //! the failure policy decides that decision: this replica's own in-memory
@@ -34,14 +63,18 @@
 //! exit: the failure policy decides meanwhile, and the probe keeps asking,
 //! so fixing the password or the ACL on the Redis side heals it.
 //!
-//! Refusals are cached locally until their retry time: a key Redis has just
-//! refused cannot get a cell before then on any replica (no replica can take
-//! one, so its TAT cannot move), so answering those requests here is exact and
-//! costs no round trip.
+//! Refusals are cached locally until their retry time: a (limit, key) Redis
+//! has just refused cannot be charged before then on any replica (no replica
+//! can take a cell, so its state cannot move), so a request any of whose
+//! limits is cached as refused is refused here, exactly (nothing could be
+//! charged anyway), at no round trip. Its other limits report what this
+//! replica last heard from Redis for them under `local`, a fresh key's
+//! budget otherwise (they are not charged either way).
 
 mod circuit;
 mod fallback;
 mod io;
+mod scripts;
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -57,11 +90,16 @@ use redis::{
     ServerErrorKind, Value,
 };
 
+use smallvec::SmallVec;
+
 use self::circuit::{Circuit, State};
-use self::fallback::{CHARGE_SCRIPT, Charge, Local};
+use self::fallback::{Charge, Local};
+use self::scripts::{CHARGE_SCRIPT, Params};
+pub use self::scripts::{DECIDE_SCRIPT, REFUND_SCRIPT};
+use super::algorithm::State as KeyState;
 use super::{
-    Backend, BackendError, Check, Decision, Decisions, Health, Limit, MAX_STABLE_ID, MemoryBackend,
-    RateKey,
+    Algorithm, Backend, BackendError, Check, Decision, Decisions, Health, Limit, MAX_STABLE_ID,
+    MemoryBackend, RateKey,
 };
 use crate::key::Fingerprinter;
 use crate::metrics::Metrics;
@@ -82,67 +120,10 @@ const CHARGE_BATCH: usize = 128;
 /// are simply not cached.
 const BLOCKED_CAP: usize = 100_000;
 
-/// GCRA, as governor's `Gcra::test_and_update` (src/gcra.rs), in
-/// microseconds, for a batch of decisions taken at one instant, in order.
-///
-/// `KEYS[i]` holds a key's TAT (theoretical arrival time), µs since the epoch;
-/// `ARGV[2i-1]` is its limit's `t` (emission interval) and `ARGV[2i]` its `tau`
-/// (`t * (burst - 1)`). Returns one integer per key: the cells remaining
-/// (`>= 0`) when one was taken, `-1 - wait_µs` when not. The same key twice
-/// in a batch is two decisions, the second seeing the first.
-///
-/// Redis runs this for every decision, so it is kept lean: each distinct key
-/// is read once and written once per batch (a client sending many requests at
-/// once costs one GET and one SET, not one per request), one value per key,
-/// integer formatting, no library calls per decision. Measured with
-/// redis-benchmark, 16 decisions for one key: 33 µs of Redis time per call
-/// with a GET and a SET per decision, 9 µs like this; 16 distinct keys cost
-/// the same either way (about 37 µs).
-pub const GCRA_SCRIPT: &str = r#"
-if redis.replicate_commands then redis.replicate_commands() end
--- let t0 = t0.duration_since(start): one clock for every replica.
-local now = redis.call('TIME')
-local t0 = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local out = {}
-local tats = {}
-local changed = {}
-local n = 0
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local t = tonumber(ARGV[2 * i - 1])
-  local tau = tonumber(ARGV[2 * i])
-  -- let tat = tat.unwrap_or(t0);
-  local tat = tats[key]
-  if tat == nil then
-    tat = tonumber(redis.call('GET', key)) or t0
-    tats[key] = tat
-  end
-  -- let earliest_time = tat.saturating_sub(tau);
-  local earliest_time = tat - tau
-  if t0 < earliest_time then
-    -- Err(NotUntil(earliest_time))
-    out[i] = t0 - earliest_time - 1
-  else
-    -- let next = cmp::max(tat, t0) + t;
-    local next = (tat > t0 and tat or t0) + t
-    tats[key] = next
-    if changed[key] == nil then
-      changed[key] = true
-      n = n + 1
-      changed[n] = key
-    end
-    -- StateSnapshot::remaining_burst_capacity (next >= t0 + t, so at most tau / t)
-    out[i] = math.floor((t0 + tau + t - next) / t)
-  end
-end
-for j = 1, n do
-  local key = changed[j]
-  local next = tats[key]
-  -- Once next <= now the key is indistinguishable from a fresh one: expire it then.
-  redis.call('SET', key, string.format('%d', next), 'PX', math.ceil((next - t0) / 1000))
-end
-return out
-"#;
+/// The longest a refusal is cached on a Redis Cluster, where it may come
+/// from another request's short-lived charge across slots (see the module
+/// docs).
+pub const CLUSTER_BLOCKED_MAX: Duration = Duration::from_secs(1);
 
 /// Where the shared state is.
 #[derive(Clone)]
@@ -185,12 +166,16 @@ struct Inner {
     /// late answers are counted before charging back.
     abandoned: AtomicUsize,
     script: redis::Script,
+    refund_script: redis::Script,
     charge_script: redis::Script,
     prefix: String,
     /// Keyed by the prefix: replicas sharing one agree (see `redis_key`).
     fingerprints: Fingerprinter,
     timeout: Duration,
-    local: Option<Local>,
+    /// What Redis last answered per (limit, key), under every policy (for
+    /// the limits of a request refused from the cache); under `local` also
+    /// the fallback that decides while Redis cannot, and what it owes.
+    local: Local,
     fallback: Fallback,
     circuit: Circuit,
     blocked: Blocked,
@@ -201,31 +186,28 @@ struct Inner {
     metrics: Option<Arc<Metrics>>,
 }
 
-/// A limit in the script's units.
-#[derive(Clone, Copy)]
-struct Params {
-    t_us: u64,
-    tau_us: u64,
+/// One check of a request in the script's units: its key in Redis and its
+/// limit.
+#[derive(Clone)]
+struct Entry {
+    key: Vec<u8>,
+    params: Params,
 }
 
-impl Params {
-    fn new(limit: &Limit) -> Self {
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        Params {
-            t_us: micros(limit.emission_interval()),
-            tau_us: micros(limit.tolerance()),
-        }
-    }
+/// A request's checks grouped by Redis Cluster slot, in ascending slot
+/// order: indices into the request's checks (one group on one Redis).
+type Groups = SmallVec<[SmallVec<[usize; 4]>; 2]>;
 
-    /// The latest a key's TAT can be after Redis allowed a decision leaving
-    /// `remaining` cells: the script's `remaining = floor((now + tau + t -
-    /// tat) / t)` gives `tat <= now + tau + t - remaining * t`.
-    fn ahead_after_allowed(&self, remaining: u64) -> Duration {
-        Duration::from_micros(
-            (self.tau_us.saturating_add(self.t_us))
-                .saturating_sub(remaining.saturating_mul(self.t_us)),
-        )
-    }
+/// Whether two checks count the same (limit, key).
+fn same(a: &Check<'_>, b: &Check<'_>) -> bool {
+    a.limit.id() == b.limit.id() && a.key == b.key
+}
+
+/// The state entry `i` of a request had before the request: the state the
+/// first entry for the same (limit, key) was decided on.
+fn before(checks: &[Check<'_>], held: &[Option<KeyState>], i: usize) -> Option<KeyState> {
+    let first = (0..i).find(|&j| same(&checks[j], &checks[i])).unwrap_or(i);
+    held[first]
 }
 
 impl RedisBackend {
@@ -247,7 +229,7 @@ impl RedisBackend {
                 redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str))?;
             }
         }
-        let local = (fallback == Fallback::Local).then(|| Local::new(MemoryBackend::new(max_keys)));
+        let local = Local::new(MemoryBackend::new(max_keys));
         let prefix = prefix.into();
         Ok(RedisBackend {
             inner: Arc::new(Inner {
@@ -255,7 +237,8 @@ impl RedisBackend {
                 conn: RwLock::new(None),
                 generation: AtomicU64::new(0),
                 abandoned: AtomicUsize::new(0),
-                script: redis::Script::new(GCRA_SCRIPT),
+                script: redis::Script::new(DECIDE_SCRIPT),
+                refund_script: redis::Script::new(REFUND_SCRIPT),
                 charge_script: redis::Script::new(CHARGE_SCRIPT),
                 fingerprints: Fingerprinter::new(prefix.as_bytes()),
                 prefix,
@@ -285,50 +268,106 @@ impl RedisBackend {
         self.inner.redis_key(limit, key)
     }
 
-    async fn check_one(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError> {
+    /// The decision for one request (see [`Backend::check_all`]).
+    async fn decide(&self, checks: &[Check<'_>]) -> Result<Decisions, BackendError> {
         let inner = &self.inner;
-        let params = Params::new(limit);
-        if let Some(decision) = inner.blocked.get(limit, key) {
-            return Ok(decision);
+        if let Some(decisions) = inner.blocked_answer(checks) {
+            return Ok(decisions);
         }
         if inner.circuit.state() != State::Up {
             let down = BackendError::Unavailable("redis is down".into());
-            return inner.fallback(limit, key, down);
+            return inner.fallback(checks, down);
         }
-        let answer = batch::decide(inner, inner.redis_key(limit, key), params).await;
-        match answer {
-            Ok((remaining, _)) if remaining >= 0 => {
-                if let Some(local) = &inner.local {
-                    local.seen(
-                        limit,
-                        key,
-                        params.ahead_after_allowed(remaining.unsigned_abs()),
-                    );
-                }
-                let remaining = u32::try_from(remaining).unwrap_or(u32::MAX);
-                Ok(Decision::Allowed {
-                    remaining,
-                    reset_after: limit.reset_after(remaining),
-                })
-            }
-            Ok((refused, sent_at)) => {
-                // -1 - wait_µs
-                let retry_after = Duration::from_micros((-1 - refused).unsigned_abs());
-                // Counted from when the batch left, never later than Redis's
-                // own retry time: the cache never refuses what Redis would allow.
-                inner.blocked.insert(limit, key, sent_at + retry_after);
-                if let Some(local) = &inner.local {
-                    // earliest = tat - tau, so tat = now + retry_after + tau.
-                    local.seen(limit, key, retry_after + limit.tolerance());
-                }
-                Ok(Decision::Limited {
-                    retry_after,
-                    reset_after: retry_after + limit.tolerance(),
-                })
-            }
-            // The batch told the circuit; this decision alone gets the policy.
-            Err(failure) => inner.fallback(limit, key, failure.error),
+        let entries: SmallVec<[Entry; 4]> = checks.iter().map(|c| inner.entry(c)).collect();
+        let groups = inner.groups(&entries);
+        if groups.len() == 1 {
+            return match batch::decide(inner, entries, true).await {
+                Ok(answer) => Ok(inner.report(checks, &answer)),
+                // The batch told the circuit; this decision alone gets the policy.
+                Err(failure) => inner.fallback(checks, failure.error),
+            };
         }
+        self.decide_across_slots(checks, &entries, &groups).await
+    }
+
+    /// A request whose keys are in several Cluster slots: slot group after
+    /// slot group, refunding the charged ones if a later one refuses (see
+    /// the module docs).
+    async fn decide_across_slots(
+        &self,
+        checks: &[Check<'_>],
+        entries: &[Entry],
+        groups: &Groups,
+    ) -> Result<Decisions, BackendError> {
+        let inner = &self.inner;
+        let subset = |idx: &[usize]| -> (SmallVec<[Check<'_>; 4]>, SmallVec<[Entry; 4]>) {
+            (
+                idx.iter().map(|&i| checks[i]).collect(),
+                idx.iter().map(|&i| entries[i].clone()).collect(),
+            )
+        };
+        let mut decisions: Decisions = checks
+            .iter()
+            .map(|c| c.limit.counter().peek(None, 0))
+            .collect();
+        let mut charged: SmallVec<[(usize, batch::Answer); 2]> = SmallVec::new();
+        let mut refused = None;
+        for (g, idx) in groups.iter().enumerate() {
+            let (group_checks, group_entries) = subset(idx);
+            match batch::decide(inner, group_entries, true).await {
+                Ok(answer) => {
+                    let answered = inner.report(&group_checks, &answer);
+                    for (&i, d) in idx.iter().zip(answered) {
+                        decisions[i] = d;
+                    }
+                    if !answer.charged {
+                        refused = Some(g);
+                        break;
+                    }
+                    charged.push((g, answer));
+                }
+                Err(failure) => {
+                    batch::refund(inner, checks, entries, groups, &charged).await;
+                    return inner.fallback(checks, failure.error);
+                }
+            }
+        }
+        let Some(refused) = refused else {
+            return Ok(decisions);
+        };
+        batch::refund(inner, checks, entries, groups, &charged).await;
+        // Charged to none: the charged groups report what they had before.
+        for (g, answer) in &charged {
+            let (group_checks, _) = subset(&groups[*g]);
+            for (j, &i) in groups[*g].iter().enumerate() {
+                let held = before(&group_checks, &answer.held, j);
+                decisions[i] = checks[i].limit.counter().peek(held, answer.t0);
+            }
+        }
+        // The groups after the refusal are only looked at.
+        let later = &groups[refused + 1..];
+        let looks = later.iter().map(|idx| {
+            let (_, group_entries) = subset(idx);
+            batch::decide(inner, group_entries, false)
+        });
+        let answers = futures_util::future::join_all(looks).await;
+        for (idx, answer) in later.iter().zip(answers) {
+            let (group_checks, _) = subset(idx);
+            match answer {
+                Ok(answer) => {
+                    let answered = inner.report(&group_checks, &answer);
+                    for (&i, d) in idx.iter().zip(answered) {
+                        decisions[i] = d;
+                    }
+                }
+                Err(_) => {
+                    for &i in idx.iter() {
+                        decisions[i] = inner.unknown(&checks[i]);
+                    }
+                }
+            }
+        }
+        Ok(decisions)
     }
 
     /// Whether the circuit is closed (Redis answering).
@@ -340,23 +379,11 @@ impl RedisBackend {
 #[async_trait(?Send)]
 impl Backend for RedisBackend {
     async fn check_all(&self, checks: &[Check<'_>]) -> Result<Decisions, BackendError> {
-        // One limit per request is all this backend decides atomically so far.
-        let mut decisions = Decisions::new();
-        for check in checks {
-            decisions.push(self.check_one(check.limit, check.key).await?);
-        }
-        Ok(decisions)
+        self.decide(checks).await
     }
 
     fn try_check_all(&self, checks: &[Check<'_>]) -> Option<Result<Decisions, BackendError>> {
-        match checks {
-            [check] => self
-                .inner
-                .blocked
-                .get(check.limit, check.key)
-                .map(|d| Ok(std::iter::once(d).collect())),
-            _ => None,
-        }
+        self.inner.blocked_answer(checks).map(Ok)
     }
 
     fn start(&self) {
@@ -376,9 +403,7 @@ impl Backend for RedisBackend {
 
     fn retain_recent(&self) {
         self.inner.blocked.retain_recent();
-        if let Some(local) = &self.inner.local {
-            local.retain_recent();
-        }
+        self.inner.local.retain_recent();
     }
 
     fn health(&self) -> Health {
@@ -405,36 +430,170 @@ impl Backend for RedisBackend {
 }
 
 impl Inner {
-    /// `<prefix>{<stable id>}:<limit>`: an API key only ever appears as its
-    /// fingerprint, and the part a client controls is at most
-    /// [`MAX_STABLE_ID`] bytes.
+    /// `<prefix>{<stable id>}:<limit>` (GCRA), `<prefix>{<stable
+    /// id>}.fw:<limit>` and `.sw:<limit>` (the windows): an API key only
+    /// ever appears as its fingerprint, and the part a client controls is at
+    /// most [`MAX_STABLE_ID`] bytes.
     fn redis_key(&self, limit: &Limit, key: &RateKey) -> Vec<u8> {
         let mut out =
-            Vec::with_capacity(self.prefix.len() + limit.name().len() + MAX_STABLE_ID + 3);
+            Vec::with_capacity(self.prefix.len() + limit.name().len() + MAX_STABLE_ID + 6);
         out.extend_from_slice(self.prefix.as_bytes());
         out.push(b'{');
         key.write_stable_id(&self.fingerprints, &mut out);
-        out.extend_from_slice(b"}:");
+        out.extend_from_slice(match limit.algorithm() {
+            Algorithm::Gcra => b"}:",
+            Algorithm::FixedWindow => b"}.fw:",
+            Algorithm::SlidingWindow => b"}.sw:",
+        });
         out.extend_from_slice(limit.name().as_bytes());
         out
     }
 
-    fn fallback(
-        &self,
-        limit: &Limit,
-        key: &RateKey,
-        err: BackendError,
-    ) -> Result<Decision, BackendError> {
-        match &self.local {
-            Some(local) => {
+    fn entry(&self, check: &Check<'_>) -> Entry {
+        Entry {
+            key: self.redis_key(check.limit, check.key),
+            params: Params::of(&check.limit.counter()),
+        }
+    }
+
+    /// The request's entries by Cluster slot, ascending (one group on one
+    /// Redis).
+    fn groups(&self, entries: &[Entry]) -> Groups {
+        let mut groups = Groups::new();
+        match self.target {
+            RedisTarget::Single(_) => groups.push((0..entries.len()).collect()),
+            RedisTarget::Cluster(_) => {
+                let mut slots: SmallVec<[(u16, usize); 4]> = entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (batch::cluster_slot(&e.key), i))
+                    .collect();
+                slots.sort_unstable();
+                let mut last = None;
+                for (slot, i) in slots {
+                    if last != Some(slot) {
+                        groups.push(SmallVec::new());
+                        last = Some(slot);
+                    }
+                    groups.last_mut().expect("pushed").push(i);
+                }
+            }
+        }
+        groups
+    }
+
+    /// The decisions Redis's answer for `checks` (one slot group) means, by
+    /// the same arithmetic the memory backend runs; remembers refusals and,
+    /// under `local`, the states Redis left.
+    fn report(&self, checks: &[Check<'_>], answer: &batch::Answer) -> Decisions {
+        let t0 = answer.t0;
+        let mut decisions = Decisions::new();
+        for (i, check) in checks.iter().enumerate() {
+            let counter = check.limit.counter();
+            let held = answer.held[i];
+            let step = counter.step(held, t0);
+            let first = (0..i).all(|j| !same(&checks[j], check));
+            let decision = if answer.charged {
+                self.local
+                    .seen(check.limit, check.key, step.next.or(held), t0);
+                match step.decision {
+                    allowed @ Decision::Allowed { .. } => allowed,
+                    // Redis charged it; its arithmetic and this one agree,
+                    // so this is not reached.
+                    Decision::Limited { reset_after, .. } => Decision::Allowed {
+                        remaining: 0,
+                        reset_after,
+                    },
+                }
+            } else {
+                let held = before(checks, &answer.held, i);
+                if first {
+                    self.local.seen(check.limit, check.key, held, t0);
+                }
+                match step.decision {
+                    // Charged to none: what the key has without this request.
+                    Decision::Allowed { .. } => counter.peek(held, t0),
+                    limited @ Decision::Limited {
+                        retry_after,
+                        reset_after,
+                    } => {
+                        // Only a state Redis holds (not one an earlier entry
+                        // of this request would have made) says when.
+                        if first {
+                            self.blocked.insert(
+                                check.limit,
+                                check.key,
+                                Refusal {
+                                    cached_until: answer.sent_at + self.blocked_for(retry_after),
+                                    retry_at: answer.sent_at + retry_after,
+                                    reset_at: answer.sent_at + reset_after,
+                                },
+                            );
+                        }
+                        limited
+                    }
+                }
+            };
+            decisions.push(decision);
+        }
+        decisions
+    }
+
+    /// How long a refusal with this retry time is cached.
+    fn blocked_for(&self, retry_after: Duration) -> Duration {
+        match self.target {
+            RedisTarget::Single(_) => retry_after,
+            RedisTarget::Cluster(_) => retry_after.min(CLUSTER_BLOCKED_MAX),
+        }
+    }
+
+    /// A request refused locally because one of its checks is a cached
+    /// refusal; `None` if none is.
+    fn blocked_answer(&self, checks: &[Check<'_>]) -> Option<Decisions> {
+        if self.blocked.is_empty() {
+            return None;
+        }
+        let cached: SmallVec<[Option<Decision>; 4]> = checks
+            .iter()
+            .map(|c| self.blocked.get(c.limit, c.key))
+            .collect();
+        if cached.iter().all(Option::is_none) {
+            return None;
+        }
+        Some(
+            checks
+                .iter()
+                .zip(cached)
+                .map(|(c, d)| d.unwrap_or_else(|| self.unknown(c)))
+                .collect(),
+        )
+    }
+
+    /// What to report for a check Redis was not asked about: the last
+    /// known state under `local`, else a fresh key's budget.
+    fn unknown(&self, check: &Check<'_>) -> Decision {
+        match self.local.peek(check.limit, check.key) {
+            // A refusal is Redis's to say.
+            Decision::Limited { reset_after, .. } => Decision::Allowed {
+                remaining: 0,
+                reset_after,
+            },
+            allowed => allowed,
+        }
+    }
+
+    fn fallback(&self, checks: &[Check<'_>], err: BackendError) -> Result<Decisions, BackendError> {
+        match self.fallback {
+            Fallback::Local => {
                 // Under `open` and `closed` the middleware counts the error.
                 if let Some(metrics) = &self.metrics {
                     metrics.backend_errors.inc();
                 }
-                let t_us = Params::new(limit).t_us;
-                local.decide(limit, key, || self.redis_key(limit, key), t_us)
+                Ok(self
+                    .local
+                    .decide(checks, |c| self.redis_key(c.limit, c.key)))
             }
-            None => Err(err),
+            Fallback::Open | Fallback::Closed => Err(err),
         }
     }
 
@@ -622,7 +781,7 @@ impl Inner {
     /// one script call per [`CHARGE_BATCH`] keys (per cluster slot); what
     /// cannot be sent is kept for the next answer.
     async fn charge_back(&self) {
-        let Some(local) = &self.local else { return };
+        let local = &self.local;
         if !local.owes() {
             return;
         }
@@ -663,7 +822,11 @@ impl Inner {
             }
             for c in &group {
                 let age = u64::try_from(c.first.elapsed().as_micros()).unwrap_or(u64::MAX);
-                cmd.arg(c.n).arg(c.t_us).arg(age);
+                cmd.arg(c.params.code)
+                    .arg(c.params.p)
+                    .arg(c.params.q)
+                    .arg(c.n)
+                    .arg(age);
             }
             let sent = tokio::time::timeout(
                 self.patience(),
@@ -705,11 +868,11 @@ impl Inner {
         };
         let key = format!("{}{{floodgate-probe}}:probe", self.prefix);
         let mut cmd = redis::cmd("EVALSHA");
+        // One request of one GCRA entry (code 0, t = 1 µs, tau = 0), charged.
         cmd.arg(self.script.get_hash())
             .arg(1)
             .arg(key)
-            .arg(1)
-            .arg(0);
+            .arg(&[1, 1, 0, 1, 0]);
         let call = Self::eval::<Vec<i64>>(&self.script, &mut conn, &cmd);
         match actix_web::rt::time::timeout(patience, call).await {
             Ok(Ok(_)) => Ok(()),
@@ -788,7 +951,9 @@ impl Inner {
 /// decision. Measured on the benchmark machine, a 16-key call costs Redis
 /// about 0.6× per decision what single calls cost, and floodgate builds,
 /// sends and parses one command instead of sixteen. Order within a batch is
-/// arrival order, and the script is atomic, so decisions stay exact.
+/// arrival order, and the script is atomic, so decisions stay exact. A
+/// decision is one request's entries (all of one slot on a Cluster), decided
+/// all or nothing.
 mod batch {
     use std::cell::{Cell, RefCell};
     use std::rc::Rc;
@@ -801,9 +966,13 @@ mod batch {
     use std::time::Duration;
 
     use redis::{Arg, RedisError};
+    use smallvec::SmallVec;
     use tokio::task::{JoinError, JoinHandle};
 
-    use super::{BackendError, Conn, Inner, Params, RedisTarget, is_outage};
+    use super::scripts;
+    use super::{
+        BackendError, Check, Conn, Entry, Fallback, Groups, Inner, KeyState, RedisTarget, is_outage,
+    };
 
     /// Who takes a call's answer: the batch, if it comes in time, else the
     /// Redis thread (a late answer).
@@ -814,9 +983,17 @@ mod batch {
     /// Decisions per script call at most.
     const MAX_BATCH: usize = 64;
 
-    /// A decision's raw answer (remaining cells, or `-1 - wait_µs` when
-    /// refused) and when its batch was sent.
-    pub type Raw = (i64, Instant);
+    /// What Redis answered for one decision.
+    pub struct Answer {
+        /// Redis's `TIME`, µs since the epoch.
+        pub t0: u64,
+        /// Whether every entry was charged (else none was).
+        pub charged: bool,
+        /// Per entry, the state it was decided on.
+        pub held: SmallVec<[Option<KeyState>; 4]>,
+        /// When the batch was sent.
+        pub sent_at: Instant,
+    }
 
     pub struct Failure {
         pub error: BackendError,
@@ -824,12 +1001,12 @@ mod batch {
 
     #[derive(Default)]
     struct Slot {
-        answer: Cell<Option<Result<Raw, Failure>>>,
+        answer: Cell<Option<Result<Answer, Failure>>>,
         waker: RefCell<Option<Waker>>,
     }
 
     impl Slot {
-        fn fill(&self, answer: Result<Raw, Failure>) {
+        fn fill(&self, answer: Result<Answer, Failure>) {
             self.answer.set(Some(answer));
             if let Some(waker) = self.waker.borrow_mut().take() {
                 waker.wake();
@@ -843,13 +1020,15 @@ mod batch {
     struct Pending {
         inner: Arc<Inner>,
         slot_of_key: u16,
-        key: Vec<u8>,
-        params: Params,
+        entries: SmallVec<[Entry; 4]>,
+        /// `false`: only look (what a request's later slots report when an
+        /// earlier one refused it).
+        charge: bool,
         answer: Option<Rc<Slot>>,
     }
 
     impl Pending {
-        fn answer(&mut self, result: Result<Raw, Failure>) {
+        fn answer(&mut self, result: Result<Answer, Failure>) {
             if let Some(slot) = self.answer.take() {
                 slot.fill(result);
             }
@@ -869,21 +1048,26 @@ mod batch {
         static FLUSH_SCHEDULED: Cell<bool> = const { Cell::new(false) };
     }
 
-    /// Queues one decision for this turn's batch and waits for its answer,
-    /// which comes within the backend's timeout (its batch gives up then).
-    pub async fn decide(inner: &Arc<Inner>, key: Vec<u8>, params: Params) -> Result<Raw, Failure> {
+    /// Queues one decision (entries of one slot) for this turn's batch and
+    /// waits for its answer, which comes within the backend's timeout (its
+    /// batch gives up then).
+    pub async fn decide(
+        inner: &Arc<Inner>,
+        entries: SmallVec<[Entry; 4]>,
+        charge: bool,
+    ) -> Result<Answer, Failure> {
         let answer = Rc::new(Slot::default());
         // One Redis: any keys may share a call. Cluster: one slot per call.
-        let slot_of_key = match inner.target {
-            RedisTarget::Single(_) => 0,
-            RedisTarget::Cluster(_) => cluster_slot(&key),
+        let slot_of_key = match (&inner.target, entries.first()) {
+            (RedisTarget::Cluster(_), Some(first)) => cluster_slot(&first.key),
+            _ => 0,
         };
         QUEUE.with_borrow_mut(|queue| {
             queue.push(Pending {
                 inner: inner.clone(),
                 slot_of_key,
-                key,
-                params,
+                entries,
+                charge,
                 answer: Some(answer.clone()),
             })
         });
@@ -901,6 +1085,44 @@ mod batch {
             }
         })
         .await
+    }
+
+    /// Takes back the charges of a request's slot groups `charged` (their
+    /// answers), one script call per group, each within the timeout. A
+    /// refund that fails leaves its charge, as if the request had been
+    /// admitted for those limits.
+    pub async fn refund(
+        inner: &Arc<Inner>,
+        checks: &[Check<'_>],
+        entries: &[Entry],
+        groups: &Groups,
+        charged: &[(usize, Answer)],
+    ) {
+        for (g, answer) in charged {
+            let idx = &groups[*g];
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(inner.refund_script.get_hash()).arg(idx.len());
+            for &i in idx.iter() {
+                cmd.arg(&entries[i].key);
+            }
+            for (j, &i) in idx.iter().enumerate() {
+                let params = entries[i].params;
+                let written = checks[i].limit.counter().step(answer.held[j], answer.t0);
+                let expires = written.next.map_or(0, |s| s.expires);
+                let per = if params.code == 0 { params.p } else { params.q };
+                cmd.arg(params.code).arg(per).arg(expires);
+            }
+            let Some(mut conn) = worker_connection(inner).or_else(|| inner.connection()) else {
+                log::debug!("no connection to refund a request refused across slots");
+                return;
+            };
+            let call = Inner::eval::<i64>(&inner.refund_script, &mut conn, &cmd);
+            match actix_web::rt::time::timeout(inner.timeout, call).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => log::debug!("refund across slots failed: {err}"),
+                Err(_) => log::debug!("refund across slots: no answer in {:?}", inner.timeout),
+            }
+        }
     }
 
     /// Clears `FLUSH_SCHEDULED` when the flush task ends, run or not.
@@ -948,14 +1170,25 @@ mod batch {
                 error: BackendError::Unavailable("not connected to redis".into()),
             });
         };
+        let keys: usize = batch.iter().map(|p| p.entries.len()).sum();
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(inner.script.get_hash()).arg(batch.len());
+        cmd.arg(inner.script.get_hash()).arg(keys);
         for p in &batch {
-            cmd.arg(&p.key);
+            for e in &p.entries {
+                cmd.arg(&e.key);
+            }
         }
         for p in &batch {
-            cmd.arg(p.params.t_us).arg(p.params.tau_us);
+            cmd.arg(p.entries.len()).arg(u8::from(p.charge));
+            for e in &p.entries {
+                cmd.arg(e.params.code).arg(e.params.p).arg(e.params.q);
+            }
         }
+        // For a late answer: each decision's entry count.
+        let sizes: Vec<usize> = match inner.fallback {
+            Fallback::Local => batch.iter().map(|p| p.entries.len()).collect(),
+            Fallback::Open | Fallback::Closed => Vec::new(),
+        };
         let handoff = Arc::new(AtomicU8::new(WAITING));
         let mut call = actix_web::rt::spawn({
             let (inner, handoff) = (inner.clone(), handoff.clone());
@@ -967,14 +1200,23 @@ mod batch {
                 let taken =
                     handoff.compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire);
                 if taken.is_err() {
-                    if let (Ok(values), Some(local)) = (&result, &inner.local) {
+                    if let Ok(values) = &result {
+                        let local = &inner.local;
                         // EVALSHA, sha, count, then the keys.
-                        let keys = cmd.args_iter().skip(3).filter_map(|arg| match arg {
+                        let mut keys = cmd.args_iter().skip(3).filter_map(|arg| match arg {
                             Arg::Simple(key) => Some(key),
                             _ => None,
                         });
-                        for (key, value) in keys.zip(values) {
-                            local.late(key, *value >= 0);
+                        // TIME, then per decision its flag and 3 per entry.
+                        let mut at = 1;
+                        for &m in &sizes {
+                            let charged = values.get(at) == Some(&1);
+                            for key in keys.by_ref().take(m) {
+                                if charged {
+                                    local.late(key);
+                                }
+                            }
+                            at += 1 + 3 * m;
                         }
                     }
                     inner.abandoned.fetch_sub(1, Ordering::AcqRel);
@@ -1017,10 +1259,28 @@ mod batch {
             )))),
             None => None,
         };
+        let expected = 1 + batch.iter().map(|p| 1 + 3 * p.entries.len()).sum::<usize>();
         match result {
-            Some(Ok(values)) if values.len() == batch.len() => {
-                for (p, v) in batch.iter_mut().zip(values) {
-                    p.answer(Ok((v, sent_at)));
+            Some(Ok(values)) if values.len() == expected => {
+                let t0 = u64::try_from(values[0]).unwrap_or(0);
+                // Per decision: its flag, then three numbers per entry.
+                let mut rest = &values[1..];
+                for p in batch.iter_mut() {
+                    let (answer, tail) = rest.split_at(1 + 3 * p.entries.len());
+                    rest = tail;
+                    let charged = answer[0] == 1;
+                    let held = p
+                        .entries
+                        .iter()
+                        .zip(answer[1..].chunks_exact(3))
+                        .map(|(e, v)| scripts::state(e.params.code, v[0], v[1], v[2]))
+                        .collect();
+                    p.answer(Ok(Answer {
+                        t0,
+                        charged,
+                        held,
+                        sent_at,
+                    }));
                 }
             }
             Some(Ok(values)) => fail(batch, || Failure {
@@ -1248,11 +1508,19 @@ impl std::fmt::Display for Probe {
 
 // === Blocked ===
 
-/// Keys Redis refused, until when (see the module docs).
+/// (limit, key)s Redis refused: until when the refusal is cached (see the
+/// module docs), when a cell is back, and when the key is back in full.
 #[derive(Default)]
 struct Blocked {
-    until: DashMap<u64, Instant>,
+    until: DashMap<u64, Refusal>,
     seed: RandomState,
+}
+
+#[derive(Clone, Copy)]
+struct Refusal {
+    cached_until: Instant,
+    retry_at: Instant,
+    reset_at: Instant,
 }
 
 impl Blocked {
@@ -1260,27 +1528,33 @@ impl Blocked {
         self.seed.hash_one((limit.id(), key))
     }
 
+    fn is_empty(&self) -> bool {
+        self.until.is_empty()
+    }
+
     fn get(&self, limit: &Limit, key: &RateKey) -> Option<Decision> {
-        if self.until.is_empty() {
-            return None;
-        }
-        let until = *self.until.get(&self.digest(limit, key))?;
-        let retry_after = until.checked_duration_since(Instant::now())?;
+        let refusal = *self.until.get(&self.digest(limit, key))?;
+        let now = Instant::now();
+        refusal.cached_until.checked_duration_since(now)?;
+        let retry_after = refusal.retry_at.saturating_duration_since(now);
         Some(Decision::Limited {
             retry_after,
-            reset_after: retry_after + limit.tolerance(),
+            reset_after: refusal
+                .reset_at
+                .saturating_duration_since(now)
+                .max(retry_after),
         })
     }
 
-    fn insert(&self, limit: &Limit, key: &RateKey, until: Instant) {
+    fn insert(&self, limit: &Limit, key: &RateKey, refusal: Refusal) {
         if self.until.len() < BLOCKED_CAP {
-            self.until.insert(self.digest(limit, key), until);
+            self.until.insert(self.digest(limit, key), refusal);
         }
     }
 
     fn retain_recent(&self) {
         let now = Instant::now();
-        self.until.retain(|_, until| *until > now);
+        self.until.retain(|_, r| r.cached_until > now);
     }
 }
 

@@ -2,71 +2,55 @@
 //! cannot, starting from what Redis last said, and what it admits is charged
 //! to Redis once Redis answers.
 //!
-//! - Last known state. Every answer Redis gives this replica is written into
-//!   the local table as the key's TAT (an upper bound of it: Redis's
-//!   `remaining` and `retry_after` are whole cells and are read after the
-//!   answer arrived), so a key that has just spent its burst through Redis is
-//!   spent locally too when Redis goes away.
-//! - Charge-back. Each cell the local table gives out is counted per Redis
-//!   key; when Redis answers again, the counts are added to the keys in one
-//!   script call per batch of keys ([`CHARGE_SCRIPT`]). A decision whose
-//!   batch gave up waiting but that Redis ran after all (its answer came
-//!   late) was charged by Redis itself: a late "allowed" takes one cell off
-//!   the count.
+//! - Last known state. Every answer Redis gives this replica carries the
+//!   states it decided on; the state after the decision is written into the
+//!   local table ([`MemoryBackend::update`]), per algorithm: a GCRA key's TAT
+//!   as "this far ahead of now" (read after the answer arrived, so rounded
+//!   towards spent), a window's count as it is (windows are aligned to the
+//!   epoch on both clocks), the larger of the two when the local table
+//!   already counts more in that window. So a key that has just spent its
+//!   budget through Redis is spent locally too when Redis goes away.
+//! - Charge-back. Each request the local table admits is counted per Redis
+//!   key (every limit of the request); when Redis answers again, the counts
+//!   are added to the keys in one script call per batch of keys
+//!   ([`CHARGE_SCRIPT`](super::scripts::CHARGE_SCRIPT), `Counter::charge`
+//!   per algorithm). A window key's count restarts when its admissions move
+//!   into a later window (the earlier window's admissions no longer count;
+//!   for a sliding window they would still weigh in a little, which this
+//!   under-charges). A decision whose batch gave up waiting but that Redis
+//!   ran after all (its answer came late) was charged by Redis itself: a late
+//!   charge takes one off the count.
 //!
 //! Memory stays bounded: the local table is the memory backend's bounded
 //! table, and at most [`OWED_CAP`] keys carry a count (beyond it, local
 //! admissions of further keys are not charged back).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dashmap::DashMap;
 
-use super::super::{Backend, BackendError, Decision, Limit, MemoryBackend, RateKey};
+use super::super::algorithm::State;
+use super::super::{Backend, Check, Decision, Decisions, Limit, MemoryBackend, RateKey};
+use super::scripts::Params;
 
 /// Keys whose local admissions are remembered for charging back, at most.
 pub const OWED_CAP: usize = 100_000;
 
-/// Adds cells taken elsewhere to keys' TATs, in microseconds on Redis's
-/// clock: KEYS[i] is a key, ARGV[3i-2] its cell count `n`, ARGV[3i-1] its
-/// limit's `t`, ARGV[3i] how long ago (µs) the first of those cells was
-/// taken. As if the `n` cells had been taken back to back when the first
-/// was: `tat = max(tat, now - age) + n * t`. That is never later than the
-/// local table's own TAT after those cells (it started from the key's last
-/// known TAT or later, and each cell adds at least `t`), so a charged key is
-/// never locked out longer than this replica itself would have locked it;
-/// and it keeps what other replicas took meanwhile. Returns the keys charged.
-pub const CHARGE_SCRIPT: &str = r#"
-if redis.replicate_commands then redis.replicate_commands() end
-local now = redis.call('TIME')
-local t0 = tonumber(now[1]) * 1000000 + tonumber(now[2])
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local n = tonumber(ARGV[3 * i - 2])
-  local t = tonumber(ARGV[3 * i - 1])
-  local first = t0 - tonumber(ARGV[3 * i])
-  local tat = tonumber(redis.call('GET', key)) or first
-  if tat < first then tat = first end
-  local next = tat + n * t
-  if next > t0 then
-    redis.call('SET', key, string.format('%d', next), 'PX', math.ceil((next - t0) / 1000))
-  end
-end
-return #KEYS
-"#;
-
-/// Cells one key took locally, not yet in Redis.
+/// Requests one key admitted locally, not yet in Redis.
 struct Owed {
     n: u64,
-    t_us: u64,
+    params: Params,
     first: Instant,
+    /// `first` in µs since the epoch (the local table's clock), to tell
+    /// which window it falls in.
+    first_us: u64,
 }
 
 /// One key's charge.
 pub struct Charge {
     pub key: Vec<u8>,
     pub n: u64,
-    pub t_us: u64,
+    pub params: Params,
     pub first: Instant,
 }
 
@@ -83,48 +67,74 @@ impl Local {
         }
     }
 
-    /// Redis answered for `key`: its TAT is at most `ahead` from now.
-    pub fn seen(&self, limit: &Limit, key: &RateKey, ahead: Duration) {
-        self.memory.raise(limit, key, ahead);
+    /// Redis decided on `key` under `limit` at `t0` (its clock, µs) and left
+    /// it in `state` (`None`: no state).
+    pub fn seen(&self, limit: &Limit, key: &RateKey, state: Option<State>, t0: u64) {
+        let Some(state) = state.filter(|s| s.expires > t0) else {
+            return;
+        };
+        if limit.algorithm().is_window() {
+            self.memory.update(limit, key, |held, _| match held {
+                Some(h) if h.expires == state.expires => State {
+                    expires: h.expires,
+                    count: ((h.count >> 32).max(state.count >> 32) << 32)
+                        | (h.count & 0xffff_ffff).max(state.count & 0xffff_ffff),
+                },
+                _ => state,
+            });
+        } else {
+            let ahead = std::time::Duration::from_micros(state.expires - t0);
+            self.memory.raise(limit, key, ahead);
+        }
     }
 
-    /// Decides locally; an admission is owed to `redis_key` (whose limit
-    /// emits a cell every `t_us`).
+    /// What this replica last heard for `key` under `limit`, without
+    /// charging it.
+    pub fn peek(&self, limit: &Limit, key: &RateKey) -> Decision {
+        self.memory.peek(limit, key)
+    }
+
+    /// Decides locally, all or nothing; an admission is owed to each
+    /// check's Redis key.
     pub fn decide(
         &self,
-        limit: &Limit,
-        key: &RateKey,
-        redis_key: impl FnOnce() -> Vec<u8>,
-        t_us: u64,
-    ) -> Result<Decision, BackendError> {
-        let decision = self.memory.decide(limit, key)?;
-        if decision.is_allowed() {
-            self.owe(redis_key(), t_us);
+        checks: &[Check<'_>],
+        redis_key: impl Fn(&Check<'_>) -> Vec<u8>,
+    ) -> Decisions {
+        let decisions = self.memory.decide_all(checks);
+        if decisions.iter().all(Decision::is_allowed) {
+            let now_us = self.memory.now_micros();
+            for check in checks {
+                self.owe(redis_key(check), Params::of(&check.limit.counter()), now_us);
+            }
         }
-        Ok(decision)
+        decisions
     }
 
-    fn owe(&self, key: Vec<u8>, t_us: u64) {
+    fn owe(&self, key: Vec<u8>, params: Params, now_us: u64) {
+        let fresh = || Owed {
+            n: 0,
+            params,
+            first: Instant::now(),
+            first_us: now_us,
+        };
         if let Some(mut owed) = self.owed.get_mut(&key) {
+            // A window key's admissions in an earlier window no longer count.
+            if params.code != 0 && owed.first_us / params.q.max(1) != now_us / params.q.max(1) {
+                *owed = fresh();
+            }
             owed.n += 1;
             return;
         }
         if self.owed.len() < OWED_CAP {
-            self.owed
-                .entry(key)
-                .or_insert_with(|| Owed {
-                    n: 0,
-                    t_us,
-                    first: Instant::now(),
-                })
-                .n += 1;
+            self.owed.entry(key).or_insert_with(fresh).n += 1;
         }
     }
 
-    /// Redis ran a decision for `key` after its batch had given up: if it
-    /// took a cell, that cell is already in Redis.
-    pub fn late(&self, key: &[u8], allowed: bool) {
-        if allowed && let Some(mut owed) = self.owed.get_mut(key) {
+    /// Redis charged a request for `key` after its batch had given up: that
+    /// admission is already in Redis.
+    pub fn late(&self, key: &[u8]) {
+        if let Some(mut owed) = self.owed.get_mut(key) {
             owed.n = owed.n.saturating_sub(1);
         }
     }
@@ -143,7 +153,7 @@ impl Local {
             .map(|(key, owed)| Charge {
                 key,
                 n: owed.n,
-                t_us: owed.t_us,
+                params: owed.params,
                 first: owed.first,
             })
             .collect()
@@ -151,11 +161,14 @@ impl Local {
 
     /// Puts back charges that could not be sent.
     pub fn restore(&self, charges: Vec<Charge>) {
+        let now_us = self.memory.now_micros();
         for c in charges {
+            let age = u64::try_from(c.first.elapsed().as_micros()).unwrap_or(u64::MAX);
             let mut owed = self.owed.entry(c.key).or_insert_with(|| Owed {
                 n: 0,
-                t_us: c.t_us,
+                params: c.params,
                 first: c.first,
+                first_us: now_us.saturating_sub(age),
             });
             owed.n += c.n;
             owed.first = owed.first.min(c.first);
@@ -170,6 +183,7 @@ impl Local {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limiter::Algorithm;
     use std::num::NonZeroU32;
 
     fn limit() -> Limit {
@@ -180,40 +194,89 @@ mod tests {
         )
     }
 
+    fn one<'a>(limit: &'a Limit, key: &'a RateKey) -> [Check<'a>; 1] {
+        [Check { limit, key }]
+    }
+
     #[test]
     fn a_key_spent_through_redis_stays_spent_locally() {
         let l = limit();
         let local = Local::new(MemoryBackend::new(100));
         let key = RateKey::bytes("spent");
-        // Redis answered "allowed, 0 remaining": TAT = now + tau + t.
-        local.seen(&l, &key, l.tolerance() + l.emission_interval());
-        let decision = local.decide(&l, &key, || b"k".to_vec(), 1).unwrap();
-        assert!(!decision.is_allowed(), "{decision:?}");
+        // Redis left the key at TAT = t0 + tau + t: its burst is spent.
+        let t0 = 1_000_000;
+        let tat = t0 + (l.tolerance() + l.emission_interval()).as_micros() as u64;
+        local.seen(
+            &l,
+            &key,
+            Some(State {
+                expires: tat,
+                count: 0,
+            }),
+            t0,
+        );
+        let decision = local.decide(&one(&l, &key), |_| b"k".to_vec());
+        assert!(!decision[0].is_allowed(), "{decision:?}");
         assert!(!local.owes(), "a refusal is owed to nobody");
         // A key Redis never answered for has its full burst.
         let fresh = RateKey::bytes("fresh");
         for _ in 0..3 {
-            assert!(
-                local
-                    .decide(&l, &fresh, || b"f".to_vec(), 7)
-                    .unwrap()
-                    .is_allowed()
-            );
+            assert!(local.decide(&one(&l, &fresh), |_| b"f".to_vec())[0].is_allowed());
         }
-        assert!(
-            !local
-                .decide(&l, &fresh, || b"f".to_vec(), 7)
-                .unwrap()
-                .is_allowed()
-        );
-        local.late(b"f", true);
-        local.late(b"f", false);
+        assert!(!local.decide(&one(&l, &fresh), |_| b"f".to_vec())[0].is_allowed());
+        local.late(b"f");
         let charges = local.drain();
         assert_eq!(charges.len(), 1);
-        assert_eq!(
-            (charges[0].key.as_slice(), charges[0].n, charges[0].t_us),
-            (&b"f"[..], 2, 7)
-        );
+        assert_eq!((charges[0].key.as_slice(), charges[0].n), (&b"f"[..], 2));
+        assert_eq!(charges[0].params, Params::of(&l.counter()));
         assert!(!local.owes(), "drained");
+    }
+
+    #[test]
+    fn a_window_spent_through_redis_stays_spent_and_a_refusal_owes_nothing() {
+        let quota = Limit::window("daily", "2/d".parse().unwrap(), Algorithm::FixedWindow).unwrap();
+        let burst = limit();
+        let memory = MemoryBackend::new(100);
+        let now = memory.now_micros();
+        let local = Local::new(memory);
+        let key = RateKey::bytes("k");
+        let day = 86_400_000_000;
+        let end = (now / day + 1) * day;
+        local.seen(
+            &quota,
+            &key,
+            Some(State {
+                expires: end,
+                count: 2,
+            }),
+            now,
+        );
+        // A smaller count Redis reports later for the same window keeps the larger.
+        local.seen(
+            &quota,
+            &key,
+            Some(State {
+                expires: end,
+                count: 1,
+            }),
+            now,
+        );
+        let checks = [
+            Check {
+                limit: &burst,
+                key: &key,
+            },
+            Check {
+                limit: &quota,
+                key: &key,
+            },
+        ];
+        let decisions = local.decide(&checks, |c| c.limit.name().as_bytes().to_vec());
+        assert!(
+            decisions[0].is_allowed() && !decisions[1].is_allowed(),
+            "{decisions:?}"
+        );
+        assert!(!local.owes(), "refused: charged to none, owed to none");
+        assert_eq!(local.peek(&burst, &key).remaining(), 3);
     }
 }
