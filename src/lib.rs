@@ -69,6 +69,7 @@
 
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod error;
 pub mod headers;
 pub mod key;

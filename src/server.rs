@@ -141,7 +141,7 @@ impl Floodgate {
 
 /// The limit `FLOODGATE_RATE` and `FLOODGATE_BURST` describe.
 pub fn default_limit(settings: &Settings) -> Limit {
-    Limit::new("default", settings.rate, settings.burst)
+    Limit::new("default", settings.policy.rate, settings.policy.burst)
 }
 
 /// The extractor `FLOODGATE_KEY` describes.
@@ -149,7 +149,7 @@ pub fn key_extractor(settings: &Settings) -> Arc<dyn KeyExtractor> {
     let ip = ClientIp::new()
         .trust(settings.trusted_proxies.iter().copied())
         .ipv6_prefix(settings.ipv6_prefix);
-    match &settings.key {
+    match &settings.policy.key {
         KeyKind::Ip => Arc::new(ip),
         KeyKind::Header(name) => Arc::new(HeaderKey::new(name.clone(), ip)),
     }
