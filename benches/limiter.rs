@@ -54,7 +54,7 @@ fn decisions(c: &mut Criterion) {
     let l = limit();
     let keys = api_keys();
 
-    let memory = MemoryBackend::new([&l], 1_000_000);
+    let memory = MemoryBackend::new(1_000_000);
     let one = RateKey::ip("192.0.2.1".parse().unwrap());
     group.bench_function(BenchmarkId::new("MemoryBackend", "one key"), |b| {
         b.iter(|| black_box(memory.decide(&l, black_box(&one)).unwrap()))

@@ -45,7 +45,7 @@ async fn main() -> std::io::Result<()> {
         Rate::per_minute(NonZeroU32::new(5).unwrap()),
         NonZeroU32::new(5).unwrap(),
     );
-    let backend = Arc::new(MemoryBackend::new([&limit], 100_000));
+    let backend = Arc::new(MemoryBackend::new(100_000));
     let per_tenant = RateLimit::new(backend, limit).key(Tenant {
         fallback: ClientIp::new(),
     });

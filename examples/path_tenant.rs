@@ -67,7 +67,7 @@ pub fn per_tenant_limit() -> RateLimit {
     let three = NonZeroU32::new(3).expect("3 is not zero");
     let limit = Limit::new("tenant", Rate::per_minute(three), three);
     // Built once, outside the server's factory, so every worker shares it.
-    let backend = Arc::new(MemoryBackend::new([&limit], 100_000));
+    let backend = Arc::new(MemoryBackend::new(100_000));
     RateLimit::new(backend, limit).key(PathTenant {
         fallback: ClientIp::new(),
     })

@@ -42,7 +42,7 @@
 //! // Built once, outside `HttpServer::new`, so all workers share the state.
 //! let max_body = Some(10 << 20); // 10 MiB
 //! let limit = Limit::new("default", "100/min".parse::<Rate>().unwrap(), NonZeroU32::new(20).unwrap());
-//! let backend = Arc::new(MemoryBackend::new([&limit], 1_000_000));
+//! let backend = Arc::new(MemoryBackend::new(1_000_000));
 //! let per_api_key = RateLimit::new(backend, limit)
 //!     .key(HeaderKey::new("x-api-key".parse().unwrap(), ClientIp::new()));
 //! let upstream = Upstream::new("http://127.0.0.1:8080").unwrap().max_body(max_body);

@@ -20,7 +20,7 @@ use futures_util::future::{LocalBoxFuture, Ready, ready};
 use crate::error::ProxyError;
 use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
 use crate::key::{ClientIp, KeyExtractor};
-use crate::limiter::{Backend, Decision, Health, Limit, RateKey};
+use crate::limiter::{Backend, Check, Decision, Health, Limit, RateKey};
 use crate::metrics::Metrics;
 use crate::outage::OutageLog;
 
@@ -51,7 +51,7 @@ pub const CLOSED_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// use floodgate::{Limit, MemoryBackend, Rate, RateLimit};
 ///
 /// let limit = Limit::new("default", Rate::per_minute(NonZeroU32::new(10).unwrap()), NonZeroU32::new(10).unwrap());
-/// let backend = Arc::new(MemoryBackend::new([&limit], 100_000));
+/// let backend = Arc::new(MemoryBackend::new(100_000));
 /// let rate_limit = RateLimit::new(backend, limit);
 ///
 /// let app = App::new()
@@ -241,10 +241,15 @@ where
                     return Ok(refuse(req, res));
                 }
             };
-            let checked = match config.backend.try_check(&config.limit, &key) {
+            let checks = [Check {
+                limit: &config.limit,
+                key: &key,
+            }];
+            let checked = match config.backend.try_check_all(&checks) {
                 Some(checked) => checked,
-                None => config.backend.check(&config.limit, &key).await,
-            };
+                None => config.backend.check_all(&checks).await,
+            }
+            .map(|decisions| decisions[0]);
             let decision = match checked {
                 Ok(decision) => {
                     // A decision from a backend that reports itself healthy
@@ -349,7 +354,7 @@ mod tests {
     #[actix_web::test]
     async fn allows_the_burst_then_answers_429_with_headers() {
         let limit = limit(2);
-        let backend = Arc::new(MemoryBackend::new([&limit], 100));
+        let backend = Arc::new(MemoryBackend::new(100));
         let app = at::init_service(
             App::new()
                 .wrap(RateLimit::new(backend, limit))
@@ -387,7 +392,7 @@ mod tests {
     #[actix_web::test]
     async fn problem_json_when_accepted() {
         let limit = limit(1);
-        let backend = Arc::new(MemoryBackend::new([&limit], 100));
+        let backend = Arc::new(MemoryBackend::new(100));
         let app = at::init_service(
             App::new()
                 .wrap(RateLimit::new(backend, limit))
@@ -418,7 +423,7 @@ mod tests {
     #[actix_web::test]
     async fn refusals_of_requests_with_a_body_close_the_connection() {
         let limit = limit(1);
-        let backend = Arc::new(MemoryBackend::new([&limit], 100));
+        let backend = Arc::new(MemoryBackend::new(100));
         let app = at::init_service(
             App::new()
                 .wrap(RateLimit::new(backend, limit))

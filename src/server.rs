@@ -68,7 +68,7 @@ impl Floodgate {
         let limit = default_limit(&settings);
         let metrics = Arc::new(Metrics::default());
         let backend: Arc<dyn Backend> = match settings.backend {
-            BackendKind::Memory => Arc::new(MemoryBackend::new([&limit], settings.max_keys)),
+            BackendKind::Memory => Arc::new(MemoryBackend::new(settings.max_keys)),
             BackendKind::Redis => {
                 let redis = &settings.redis;
                 let target = if redis.cluster.is_empty() {
@@ -79,7 +79,6 @@ impl Floodgate {
                 Arc::new(
                     RedisBackend::new(
                         target,
-                        [&limit],
                         redis.prefix.clone(),
                         redis.timeout,
                         redis.failure,

@@ -34,7 +34,7 @@ async fn a_scope_of_my_app_is_limited_per_tenant_and_forwarded() {
         Rate::per_minute(NonZeroU32::new(2).unwrap()),
         NonZeroU32::new(2).unwrap(),
     );
-    let backend = Arc::new(MemoryBackend::new([&limit], 1000));
+    let backend = Arc::new(MemoryBackend::new(1000));
     let per_tenant = RateLimit::new(backend, limit).key(Tenant);
     let upstream = Upstream::new(&format!("http://{}", up.addr())).unwrap();
     let app = test::init_service(

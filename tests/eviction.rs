@@ -32,7 +32,7 @@ fn requests_to_flush(light: usize) -> usize {
         NonZeroU32::new(BURST).unwrap(),
     );
     let clock = FakeRelativeClock::default();
-    let backend = MemoryBackend::with_clock([&limit], MAX_KEYS, clock.clone());
+    let backend = MemoryBackend::with_clock(MAX_KEYS, clock.clone());
     let victim = RateKey::bytes("victim");
     for _ in 0..BURST {
         assert!(backend.decide(&limit, &victim).unwrap().is_allowed());

@@ -39,7 +39,7 @@ fn fill(max_keys: usize) -> (usize, u64) {
     // A rate nothing refills during the test: every key keeps its state.
     let limit = Limit::new("default", "1/h".parse().unwrap(), NonZeroU32::MIN);
     let before = rss_bytes();
-    let backend = MemoryBackend::new([&limit], max_keys);
+    let backend = MemoryBackend::new(max_keys);
     let mut allowed = 0;
     for n in 0..KEYS {
         if backend.decide(&limit, &key(n)).unwrap().is_allowed() {

@@ -1,111 +1,120 @@
-//! In-memory limiter state: governor's keyed GCRA over a bounded key table.
+//! In-memory limiter state: the [`algorithm`](super::algorithm) types over
+//! a bounded key table.
 //!
-//! governor does the arithmetic (`Gcra::test_and_update`, its clock, its
-//! `StateSnapshot`); this module only decides where the per-key state lives.
-//! governor's own `DashMapStateStore` grows without bound, so [`KeyTable`]
-//! implements governor's [`StateStore`] over a `DashMap` that it caps at
-//! `max_keys` entries. When the table is full, the entries whose theoretical
-//! arrival time (TAT) lies furthest in the past are forgotten first, an
-//! eighth of the table at a time: those are the keys closest to a full
-//! bucket, so forgetting them changes the fewest decisions (nginx's
-//! `limit_req` zone drops its least recently used states the same way). A
-//! forgotten key starts again with a full burst.
+//! Each limit has its own table, found by the limit's [`LimitId`], so a
+//! limit that survives a rules reload keeps its counters and a new one
+//! starts empty. A table is split into stripes, each a `Mutex` over a hash
+//! map; a request checked against several limits locks the stripes its keys
+//! live in, in one global order (limit id, then stripe), decides every limit,
+//! and writes the new states only if all of them allow it. So a refused
+//! request is charged to none of its limits, and two requests racing for the
+//! last cell never both get it.
+//!
+//! `max_keys` caps the keys of all tables together. When the process is
+//! full, the states that expire first (the keys closest to a fresh one, whose
+//! forgetting changes the fewest decisions) are forgotten, an eighth of all
+//! keys at a time, as nginx's `limit_req` zone drops its least recently used
+//! states. A forgotten key starts again fresh.
 //!
 //! Keys are stored as 64-bit SipHash-1-3 digests under a per-process random
-//! seed, so the table never holds a client's bytes and every entry is 16
-//! bytes. Two different keys share state only if their digests collide, which
-//! an outsider cannot arrange without the seed and which by chance happens
-//! with probability about n²/2⁶⁵ (3·10⁻⁸ for a million keys).
+//! seed, so a table never holds a client's bytes. A GCRA entry is 16 bytes
+//! (digest and TAT), a window entry 24 (digest, window end, counts). Two
+//! different keys share state only if their digests collide, which an
+//! outsider cannot arrange without the seed and which by chance happens with
+//! probability about n²/2⁶⁵ (3·10⁻⁸ for a million keys).
+//!
+//! The clock is governor's `Clock` (quanta's by default; tests use
+//! `FakeRelativeClock`), anchored to the Unix epoch at construction so that
+//! window boundaries fall where every replica puts them.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock, Reference};
-use governor::middleware::StateInformationMiddleware;
-use governor::nanos::Nanos;
-use governor::state::StateStore;
-use governor::state::keyed::ShrinkableKeyedStateStore;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use smallvec::SmallVec;
 
-use super::{Backend, BackendError, Decision, Limit, LimitId, RateKey};
+use super::algorithm::{Counter, State};
+use super::{
+    Algorithm, Backend, BackendError, Check, Decision, Decisions, Limit, LimitId, RateKey,
+};
 
-/// Default cap on tracked keys per limit (`FLOODGATE_MAX_KEYS`).
+/// Default cap on tracked keys, all limits together (`FLOODGATE_MAX_KEYS`).
 ///
-/// A million 16-byte entries take about 40 MiB including the hash table's
+/// A million GCRA entries take about 40 MiB including the hash tables'
 /// slack (measured in `tests/memory.rs`).
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
-/// When the table is full, forget `1 / EVICT_DIVISOR` of it at once, so that
-/// the O(n) sweep is paid once per n/8 new keys rather than once per key.
+/// When full, forget `1 / EVICT_DIVISOR` of the keys at once, so that the
+/// O(n) sweep is paid once per n/8 new keys rather than once per key.
 const EVICT_DIVISOR: usize = 8;
 
-/// TATs sampled to find the eviction threshold.
+/// States sampled to find the eviction threshold.
 const EVICT_SAMPLE: usize = 4096;
 
-type KeyedLimiter<C> = governor::RateLimiter<u64, SharedTable, C, StateInformationMiddleware>;
+/// Stripes per table (a power of two).
+const STRIPES: usize = 64;
 
 /// Limiter state in this process. Build it once and share it (`Arc`) between
-/// all workers: each clone of a per-worker limiter would count separately.
+/// all workers: each clone of a per-worker backend would count separately.
 pub struct MemoryBackend<C: Clock = DefaultClock> {
-    limiters: Vec<PerLimit<C>>,
+    tables: RwLock<HashMap<LimitId, Arc<Table>>>,
     seed: RandomState,
-}
-
-/// One limit's limiter, with its table and (no later than) its start, so
-/// that [`raise`](MemoryBackend::raise) can write a TAT in governor's terms.
-struct PerLimit<C: Clock> {
-    id: LimitId,
-    limiter: KeyedLimiter<C>,
-    table: SharedTable,
+    len: AtomicUsize,
+    max_keys: usize,
+    evicting: AtomicBool,
+    clock: C,
     start: C::Instant,
+    /// µs since the epoch at `start`.
+    epoch: u64,
 }
 
 impl MemoryBackend<DefaultClock> {
-    /// State for `limits`, each holding at most `max_keys` keys.
-    pub fn new<'a>(limits: impl IntoIterator<Item = &'a Limit>, max_keys: usize) -> Self {
-        Self::with_clock(limits, max_keys, DefaultClock::default())
+    /// State for any limit, at most `max_keys` keys in all.
+    pub fn new(max_keys: usize) -> Self {
+        Self::with_clock(max_keys, DefaultClock::default())
     }
 }
 
 impl<C: Clock> MemoryBackend<C> {
     /// As [`new`](MemoryBackend::new) with a given clock (tests use governor's
-    /// `FakeRelativeClock`).
-    pub fn with_clock<'a>(
-        limits: impl IntoIterator<Item = &'a Limit>,
-        max_keys: usize,
-        clock: C,
-    ) -> Self
-    where
-        C: Clone,
-    {
-        let limiters = limits
-            .into_iter()
-            .map(|limit| {
-                let table = SharedTable(Arc::new(KeyTable::new(max_keys)));
-                // Read before governor reads its own start: TATs written by
-                // `raise` are then never earlier than meant.
-                let start = clock.now();
-                let limiter: KeyedLimiter<C> =
-                    governor::RateLimiter::new(limit.quota(), table.clone(), clock.clone());
-                PerLimit {
-                    id: limit.id(),
-                    limiter,
-                    table,
-                    start,
-                }
-            })
-            .collect();
+    /// `FakeRelativeClock`), anchored to the system time now.
+    pub fn with_clock(max_keys: usize, clock: C) -> Self {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Self::with_clock_at(max_keys, clock, epoch)
+    }
+
+    /// As [`with_clock`](Self::with_clock), with the clock's present
+    /// instant taken to be `epoch` after the Unix epoch (tests place window
+    /// boundaries exactly).
+    pub fn with_clock_at(max_keys: usize, clock: C, epoch: Duration) -> Self {
         MemoryBackend {
-            limiters,
+            tables: RwLock::default(),
             seed: RandomState::new(),
+            len: AtomicUsize::new(0),
+            max_keys: max_keys.max(1),
+            evicting: AtomicBool::new(false),
+            start: clock.now(),
+            clock,
+            epoch: u64::try_from(epoch.as_micros()).unwrap_or(u64::MAX / 2),
         }
+    }
+
+    /// Now, µs since the Unix epoch.
+    pub fn now_micros(&self) -> u64 {
+        let since = u64::from(self.clock.now().duration_since(self.start)) / 1000;
+        self.epoch.saturating_add(since)
     }
 
     /// Keys currently tracked for `limit`.
     pub fn len(&self, limit: &Limit) -> usize {
-        self.limiter(limit).map_or(0, |l| l.len())
+        self.existing(limit)
+            .map_or(0, |t| t.len.load(Ordering::Relaxed))
     }
 
     /// Whether no key is tracked for `limit`.
@@ -113,59 +122,233 @@ impl<C: Clock> MemoryBackend<C> {
         self.len(limit) == 0
     }
 
-    fn limiter(&self, limit: &Limit) -> Option<&KeyedLimiter<C>> {
-        self.per_limit(limit).map(|l| &l.limiter)
+    /// Keys tracked for all limits together (what `max_keys` caps).
+    pub fn total_len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
     }
 
-    fn per_limit(&self, limit: &Limit) -> Option<&PerLimit<C>> {
-        self.limiters.iter().find(|l| l.id == limit.id())
+    fn existing(&self, limit: &Limit) -> Option<Arc<Table>> {
+        let tables = self.tables.read().unwrap_or_else(PoisonError::into_inner);
+        tables.get(&limit.id()).cloned()
     }
 
-    /// Makes `key`'s theoretical arrival time under `limit` at least `ahead`
-    /// from now, as if cells had been taken elsewhere (another store's
-    /// state carried over). A later TAT already held is kept.
-    pub fn raise(&self, limit: &Limit, key: &RateKey, ahead: Duration) {
-        let Some(PerLimit {
-            limiter,
-            table,
-            start,
-            ..
-        }) = self.per_limit(limit)
-        else {
-            return;
-        };
-        let now = limiter.clock().now();
-        let tat = u64::from(now.duration_since(*start))
-            .saturating_add(u64::try_from(ahead.as_nanos()).unwrap_or(u64::MAX / 2));
+    fn table(&self, limit: &Limit) -> Arc<Table> {
+        if let Some(table) = self.existing(limit) {
+            return table;
+        }
+        let mut tables = self.tables.write().unwrap_or_else(PoisonError::into_inner);
+        tables
+            .entry(limit.id())
+            .or_insert_with(|| Arc::new(Table::new(limit.algorithm())))
+            .clone()
+    }
+
+    /// Makes `key`'s state under `limit` what `update` returns from the
+    /// state held now (`None`: no state), as if requests had been counted
+    /// elsewhere (another store's state carried over, or a charge-back).
+    pub fn update(
+        &self,
+        limit: &Limit,
+        key: &RateKey,
+        update: impl FnOnce(Option<State>, u64) -> State,
+    ) {
+        let now = self.now_micros();
+        self.make_room_if_full();
+        let table = self.table(limit);
         let digest = self.seed.hash_one(key);
-        let _ = table.measure_and_replace(&digest, |held| {
-            let held = held.map_or(0, u64::from);
-            Ok::<_, ()>(((), Nanos::from(held.max(tat))))
+        let mut stripe = table.lock(digest);
+        let held = stripe.get(digest, now);
+        let next = update(held, now);
+        if stripe.put(digest, next) {
+            table.len.fetch_add(1, Ordering::Relaxed);
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes `key`'s theoretical arrival time under a GCRA `limit` at least
+    /// `ahead` from now, as if cells had been taken elsewhere. A later TAT
+    /// already held is kept.
+    pub fn raise(&self, limit: &Limit, key: &RateKey, ahead: Duration) {
+        let ahead = u64::try_from(ahead.as_micros()).unwrap_or(u64::MAX / 2);
+        self.update(limit, key, |held, now| State {
+            expires: held.map_or(0, |s| s.expires).max(now.saturating_add(ahead)),
+            count: 0,
         });
     }
 
-    /// The synchronous decision; [`Backend::check`] wraps it.
-    pub fn decide(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError> {
-        let limiter = self
-            .limiter(limit)
-            .ok_or_else(|| BackendError::UnknownLimit(limit.name.clone()))?;
+    /// The state held for `key` under `limit`, if any (not expired).
+    pub fn state(&self, limit: &Limit, key: &RateKey) -> Option<State> {
+        let now = self.now_micros();
+        let table = self.existing(limit)?;
         let digest = self.seed.hash_one(key);
-        Ok(match limiter.check_key(&digest) {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                Decision::Allowed {
-                    remaining,
-                    reset_after: limit.reset_after(remaining),
+        table.lock(digest).get(digest, now)
+    }
+
+    /// What `key` has left under `limit` now, without charging it.
+    pub fn peek(&self, limit: &Limit, key: &RateKey) -> Decision {
+        limit
+            .counter()
+            .peek(self.state(limit, key), self.now_micros())
+    }
+
+    /// Forgets `key`'s state under `limit`: its next request is a fresh
+    /// key's. Returns whether there was any.
+    pub fn forget(&self, limit: &Limit, key: &RateKey) -> bool {
+        let Some(table) = self.existing(limit) else {
+            return false;
+        };
+        let digest = self.seed.hash_one(key);
+        let removed = table.lock(digest).remove(digest);
+        if removed {
+            table.len.fetch_sub(1, Ordering::Relaxed);
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// The synchronous decision for one limit.
+    pub fn decide(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError> {
+        Ok(self.decide_all(&[Check { limit, key }])[0])
+    }
+
+    /// The synchronous, all-or-nothing decision for several limits
+    /// ([`Backend::check_all`] wraps it).
+    pub fn decide_all(&self, checks: &[Check<'_>]) -> Decisions {
+        let now = self.now_micros();
+        self.make_room_if_full();
+        if let [check] = checks {
+            return std::iter::once(self.decide_one(check, now)).collect();
+        }
+        self.decide_many(checks, now)
+    }
+
+    fn decide_one(&self, check: &Check<'_>, now: u64) -> Decision {
+        let table = self.table(check.limit);
+        let digest = self.seed.hash_one(check.key);
+        let mut stripe = table.lock(digest);
+        let step = check.limit.counter().step(stripe.get(digest, now), now);
+        if let Some(next) = step.next
+            && stripe.put(digest, next)
+        {
+            table.len.fetch_add(1, Ordering::Relaxed);
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
+        step.decision
+    }
+
+    fn decide_many(&self, checks: &[Check<'_>], now: u64) -> Decisions {
+        struct Item {
+            id: LimitId,
+            table: Arc<Table>,
+            digest: u64,
+            counter: Counter,
+        }
+        let items: SmallVec<[Item; 4]> = checks
+            .iter()
+            .map(|c| Item {
+                id: c.limit.id(),
+                table: self.table(c.limit),
+                digest: self.seed.hash_one(c.key),
+                counter: c.limit.counter(),
+            })
+            .collect();
+        // Lock every stripe involved once, in (limit id, stripe) order.
+        let mut order: SmallVec<[(LimitId, usize, usize); 4]> = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| (item.id, stripe_of(item.digest), i))
+            .collect();
+        order.sort_unstable();
+        let mut guards: SmallVec<[Stripe<'_>; 4]> = SmallVec::new();
+        let mut guard_of: SmallVec<[usize; 4]> = SmallVec::from_elem(0, items.len());
+        let mut last: Option<(LimitId, usize)> = None;
+        for &(id, stripe, i) in &order {
+            if last != Some((id, stripe)) {
+                guards.push(items[i].table.lock(items[i].digest));
+                last = Some((id, stripe));
+            }
+            guard_of[i] = guards.len() - 1;
+        }
+        // Decide in order; a (limit, key) checked twice sees its first charge.
+        let mut nexts: SmallVec<[Option<State>; 4]> = SmallVec::new();
+        let mut decisions = Decisions::new();
+        let mut refused = false;
+        for (i, item) in items.iter().enumerate() {
+            let earlier = (0..i).rev().find(|&j| {
+                items[j].id == item.id && items[j].digest == item.digest && nexts[j].is_some()
+            });
+            let held = match earlier {
+                Some(j) => nexts[j],
+                None => guards[guard_of[i]].get(item.digest, now),
+            };
+            let step = item.counter.step(held, now);
+            refused |= step.next.is_none();
+            nexts.push(step.next);
+            decisions.push(step.decision);
+        }
+        if refused {
+            // Charged to none: report what each key has without this request.
+            for (i, item) in items.iter().enumerate() {
+                if decisions[i].is_allowed() {
+                    let held = guards[guard_of[i]].get(item.digest, now);
+                    decisions[i] = item.counter.peek(held, now);
                 }
             }
-            Err(not_until) => {
-                let retry_after = not_until.wait_time_from(limiter.clock().now());
-                Decision::Limited {
-                    retry_after,
-                    reset_after: retry_after + limit.tolerance(),
-                }
+            return decisions;
+        }
+        for (i, item) in items.iter().enumerate() {
+            if let Some(next) = nexts[i]
+                && guards[guard_of[i]].put(item.digest, next)
+            {
+                item.table.len.fetch_add(1, Ordering::Relaxed);
+                self.len.fetch_add(1, Ordering::Relaxed);
             }
-        })
+        }
+        decisions
+    }
+
+    fn make_room_if_full(&self) {
+        if self.len.load(Ordering::Relaxed) >= self.max_keys {
+            self.make_room();
+        }
+    }
+
+    /// Forgets the eighth of all keys whose states expire first. One caller
+    /// sweeps at a time; other threads keep inserting meanwhile, so for the
+    /// length of one sweep the process may hold somewhat more than its cap.
+    fn make_room(&self) {
+        if self.evicting.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let tables: Vec<Arc<Table>> = self
+            .tables
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let len = self.len.load(Ordering::Relaxed).max(1);
+        let step = (len / EVICT_SAMPLE).max(1);
+        let mut sample = Vec::with_capacity(EVICT_SAMPLE + 64);
+        let mut seen = 0usize;
+        for table in &tables {
+            table.each_expiry(|expires| {
+                if seen % step == 0 {
+                    sample.push(expires);
+                }
+                seen += 1;
+            });
+        }
+        if !sample.is_empty() {
+            let nth = (sample.len() / EVICT_DIVISOR).min(sample.len() - 1);
+            let (_, threshold, _) = sample.select_nth_unstable(nth);
+            let threshold = *threshold;
+            for table in &tables {
+                let removed = table.remove_where(|expires| expires <= threshold);
+                self.len.fetch_sub(removed, Ordering::Relaxed);
+            }
+        }
+        self.evicting.store(false, Ordering::Release);
     }
 }
 
@@ -175,17 +358,26 @@ where
     C: Clock + Send + Sync,
     C::Instant: Send + Sync,
 {
-    async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError> {
-        self.decide(limit, key)
+    async fn check_all(&self, checks: &[Check<'_>]) -> Result<Decisions, BackendError> {
+        Ok(self.decide_all(checks))
     }
 
-    fn try_check(&self, limit: &Limit, key: &RateKey) -> Option<Result<Decision, BackendError>> {
-        Some(self.decide(limit, key))
+    fn try_check_all(&self, checks: &[Check<'_>]) -> Option<Result<Decisions, BackendError>> {
+        Some(Ok(self.decide_all(checks)))
     }
 
     fn retain_recent(&self) {
-        for l in &self.limiters {
-            l.limiter.retain_recent();
+        let now = self.now_micros();
+        let tables: Vec<Arc<Table>> = self
+            .tables
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for table in tables {
+            let removed = table.remove_where(|expires| expires <= now);
+            self.len.fetch_sub(removed, Ordering::Relaxed);
         }
     }
 
@@ -194,150 +386,129 @@ where
     }
 }
 
-// === impl SharedTable ===
+// === Table ===
 
-/// A [`KeyTable`] that the backend reaches besides its limiter (governor
-/// owns the store it is given).
-#[derive(Clone)]
-pub struct SharedTable(Arc<KeyTable>);
+type Map<V> = HashMap<u64, V, BuildHasherDefault<DigestHasher>>;
 
-impl StateStore for SharedTable {
-    type Key = u64;
-
-    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        self.0.measure_and_replace(key, f)
-    }
-}
-
-impl ShrinkableKeyedStateStore<u64> for SharedTable {
-    fn retain_recent(&self, drop_below: Nanos) {
-        self.0.retain_recent(drop_below)
-    }
-
-    fn len(&self) -> usize {
-        ShrinkableKeyedStateStore::len(&*self.0)
-    }
-
-    fn is_empty(&self) -> bool {
-        ShrinkableKeyedStateStore::is_empty(&*self.0)
-    }
-}
-
-// === impl KeyTable ===
-
-/// A governor state store holding at most `max_keys` keys.
-///
-/// Each value is the key's TAT in nanoseconds since the limiter started, with
-/// 0 meaning "no state", exactly as governor's own `InMemoryState` stores it.
-pub struct KeyTable {
-    map: DashMap<u64, AtomicU64, BuildHasherDefault<DigestHasher>>,
+/// One limit's keys: GCRA keeps only a TAT per key, the windows a
+/// [`State`].
+struct Table {
+    kind: Kind,
     len: AtomicUsize,
-    max_keys: usize,
-    evicting: AtomicBool,
 }
 
-impl KeyTable {
-    fn new(max_keys: usize) -> Self {
-        KeyTable {
-            map: DashMap::default(),
+enum Kind {
+    Tat(Box<[Mutex<Map<u64>>]>),
+    Window(Box<[Mutex<Map<State>>]>),
+}
+
+/// A locked stripe of a [`Table`].
+enum Stripe<'a> {
+    Tat(MutexGuard<'a, Map<u64>>),
+    Window(MutexGuard<'a, Map<State>>),
+}
+
+fn stripe_of(digest: u64) -> usize {
+    // Middle bits: hashbrown uses the low bits for the bucket and the top
+    // seven for its tags.
+    (digest >> 32) as usize & (STRIPES - 1)
+}
+
+fn stripes<V>() -> Box<[Mutex<Map<V>>]> {
+    (0..STRIPES).map(|_| Mutex::default()).collect()
+}
+
+impl Table {
+    fn new(algorithm: Algorithm) -> Self {
+        Table {
+            kind: match algorithm {
+                Algorithm::Gcra => Kind::Tat(stripes()),
+                Algorithm::FixedWindow | Algorithm::SlidingWindow => Kind::Window(stripes()),
+            },
             len: AtomicUsize::new(0),
-            max_keys: max_keys.max(1),
-            evicting: AtomicBool::new(false),
         }
     }
 
-    /// Forgets the eighth of the table with the oldest TATs. One caller sweeps
-    /// at a time; other threads keep inserting meanwhile, so for the length of
-    /// one sweep the table may hold somewhat more than its cap.
-    fn make_room(&self) {
-        if self.evicting.swap(true, Ordering::Acquire) {
-            return;
+    fn lock(&self, digest: u64) -> Stripe<'_> {
+        let i = stripe_of(digest);
+        match &self.kind {
+            Kind::Tat(s) => Stripe::Tat(s[i].lock().unwrap_or_else(PoisonError::into_inner)),
+            Kind::Window(s) => Stripe::Window(s[i].lock().unwrap_or_else(PoisonError::into_inner)),
         }
-        let len = self.len.load(Ordering::Relaxed).max(1);
-        let step = (len / EVICT_SAMPLE).max(1);
-        let mut sample: Vec<u64> = self
-            .map
-            .iter()
-            .step_by(step)
-            .map(|entry| entry.value().load(Ordering::Relaxed))
-            .collect();
-        if !sample.is_empty() {
-            let nth = (sample.len() / EVICT_DIVISOR).min(sample.len() - 1);
-            let (_, threshold, _) = sample.select_nth_unstable(nth);
-            let threshold = *threshold;
-            self.remove_where(|tat| tat <= threshold);
-        }
-        self.evicting.store(false, Ordering::Release);
     }
 
-    fn remove_where(&self, mut drop: impl FnMut(u64) -> bool) {
+    fn each_expiry(&self, mut f: impl FnMut(u64)) {
+        match &self.kind {
+            Kind::Tat(stripes) => {
+                for stripe in stripes.iter() {
+                    let map = stripe.lock().unwrap_or_else(PoisonError::into_inner);
+                    map.values().for_each(|&tat| f(tat));
+                }
+            }
+            Kind::Window(stripes) => {
+                for stripe in stripes.iter() {
+                    let map = stripe.lock().unwrap_or_else(PoisonError::into_inner);
+                    map.values().for_each(|s| f(s.expires));
+                }
+            }
+        }
+    }
+
+    /// Removes the keys whose expiry `drop` selects; returns how many.
+    fn remove_where(&self, drop: impl Fn(u64) -> bool) -> usize {
         let mut removed = 0;
-        self.map.retain(|_, tat| {
-            let gone = drop(tat.load(Ordering::Relaxed));
-            removed += usize::from(gone);
-            !gone
-        });
+        fn sweep<V>(
+            stripes: &[Mutex<Map<V>>],
+            expires: impl Fn(&V) -> u64,
+            drop: &dyn Fn(u64) -> bool,
+        ) -> usize {
+            let mut removed = 0;
+            for stripe in stripes {
+                let mut map = stripe.lock().unwrap_or_else(PoisonError::into_inner);
+                let before = map.len();
+                map.retain(|_, v| !drop(expires(v)));
+                removed += before - map.len();
+                if map.len() < map.capacity() / 4 {
+                    map.shrink_to_fit();
+                }
+            }
+            removed
+        }
+        removed += match &self.kind {
+            Kind::Tat(stripes) => sweep(stripes, |&tat| tat, &drop),
+            Kind::Window(stripes) => sweep(stripes, |s| s.expires, &drop),
+        };
         self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
     }
 }
 
-/// governor's compare-and-swap loop (`InMemoryState::measure_and_replace_one`):
-/// retry until the TAT we decided on is the TAT we replace.
-fn measure_and_replace_one<T, E>(
-    cell: &AtomicU64,
-    f: impl Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-) -> Result<T, E> {
-    let mut prev = cell.load(Ordering::Acquire);
-    loop {
-        let state = (prev != 0).then(|| Nanos::from(prev));
-        let (result, next) = f(state)?;
-        match cell.compare_exchange_weak(prev, next.into(), Ordering::Release, Ordering::Relaxed) {
-            Ok(_) => return Ok(result),
-            Err(actual) => prev = actual,
-        }
+impl Stripe<'_> {
+    /// The state held for `digest`, unless it has expired by `now`.
+    fn get(&self, digest: u64, now: u64) -> Option<State> {
+        let state = match self {
+            Stripe::Tat(map) => map.get(&digest).map(|&tat| State {
+                expires: tat,
+                count: 0,
+            }),
+            Stripe::Window(map) => map.get(&digest).copied(),
+        };
+        state.filter(|s| s.expires > now)
     }
-}
 
-impl StateStore for KeyTable {
-    type Key = u64;
-
-    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        if let Some(cell) = self.map.get(key) {
-            return measure_and_replace_one(&cell, f);
-        }
-        if self.len.load(Ordering::Relaxed) >= self.max_keys {
-            self.make_room();
-        }
-        let cell = self.map.entry(*key).or_insert_with(|| {
-            self.len.fetch_add(1, Ordering::Relaxed);
-            AtomicU64::new(0)
-        });
-        measure_and_replace_one(&cell, f)
-    }
-}
-
-impl ShrinkableKeyedStateStore<u64> for KeyTable {
-    fn retain_recent(&self, drop_below: Nanos) {
-        let drop_below = u64::from(drop_below);
-        let before = self.len.load(Ordering::Relaxed);
-        self.remove_where(|tat| tat <= drop_below);
-        if self.len.load(Ordering::Relaxed) < before / 2 {
-            self.map.shrink_to_fit();
+    /// Stores `state`; returns whether the key is new to the table.
+    fn put(&mut self, digest: u64, state: State) -> bool {
+        match self {
+            Stripe::Tat(map) => map.insert(digest, state.expires).is_none(),
+            Stripe::Window(map) => map.insert(digest, state).is_none(),
         }
     }
 
-    fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
+    fn remove(&mut self, digest: u64) -> bool {
+        match self {
+            Stripe::Tat(map) => map.remove(&digest).is_some(),
+            Stripe::Window(map) => map.remove(&digest).is_some(),
+        }
     }
 }
 
@@ -385,7 +556,7 @@ mod tests {
     #[test]
     fn table_never_grows_past_its_cap() {
         let l = limit("1/h", 1);
-        let backend = MemoryBackend::with_clock([&l], 1000, FakeRelativeClock::default());
+        let backend = MemoryBackend::with_clock(1000, FakeRelativeClock::default());
         for n in 0..10_000 {
             backend.decide(&l, &key(n)).unwrap();
             assert!(backend.len(&l) <= 1000, "len {} after {n}", backend.len(&l));
@@ -397,7 +568,7 @@ mod tests {
     fn a_full_table_forgets_its_oldest_keys_first() {
         let clock = FakeRelativeClock::default();
         let l = limit("1/min", 1);
-        let backend = MemoryBackend::with_clock([&l], 100, clock.clone());
+        let backend = MemoryBackend::with_clock(100, clock.clone());
         for n in 0..100 {
             backend.decide(&l, &key(n)).unwrap();
             clock.advance(Duration::from_millis(10));
@@ -412,7 +583,7 @@ mod tests {
     fn retain_recent_drops_keys_that_are_back_to_a_full_burst() {
         let clock = FakeRelativeClock::default();
         let l = limit("10/s", 10);
-        let backend = MemoryBackend::with_clock([&l], 1000, clock.clone());
+        let backend = MemoryBackend::with_clock(1000, clock.clone());
         for n in 0..50 {
             backend.decide(&l, &key(n)).unwrap();
         }
@@ -428,7 +599,7 @@ mod tests {
     fn a_raised_key_waits_as_long_as_its_new_tat_says_and_an_earlier_one_changes_nothing() {
         let clock = FakeRelativeClock::default();
         let l = limit("1/s", 3);
-        let backend = MemoryBackend::with_clock([&l], 100, clock.clone());
+        let backend = MemoryBackend::with_clock(100, clock.clone());
         let k = key(1);
         // TAT 3 s ahead = burst spent (tau 2 s): the next cell in 1 s.
         backend.raise(&l, &k, Duration::from_secs(3));
@@ -447,13 +618,106 @@ mod tests {
     }
 
     #[test]
-    fn an_unregistered_limit_is_an_error_not_a_panic() {
-        let registered = limit("1/s", 1);
-        let other = limit("1/s", 1);
-        let backend = MemoryBackend::new([&registered], 10);
-        assert!(matches!(
-            backend.decide(&other, &key(1)),
-            Err(BackendError::UnknownLimit(_))
-        ));
+    fn a_request_refused_by_one_limit_is_charged_to_none() {
+        let clock = FakeRelativeClock::default();
+        let burst = limit("1/h", 3);
+        let quota = Limit::window("daily", "2/d".parse().unwrap(), Algorithm::FixedWindow).unwrap();
+        let backend = MemoryBackend::with_clock(100, clock);
+        let k = key(1);
+        let checks = [
+            Check {
+                limit: &burst,
+                key: &k,
+            },
+            Check {
+                limit: &quota,
+                key: &k,
+            },
+        ];
+        let first = backend.decide_all(&checks);
+        assert!(first.iter().all(Decision::is_allowed), "{first:?}");
+        assert_eq!((first[0].remaining(), first[1].remaining()), (2, 1));
+        assert!(backend.decide_all(&checks).iter().all(Decision::is_allowed));
+        // The quota is spent; the burst still has one cell, which the
+        // refused request must not take.
+        for _ in 0..3 {
+            let refused = backend.decide_all(&checks);
+            assert!(
+                refused[0].is_allowed() && !refused[1].is_allowed(),
+                "{refused:?}"
+            );
+            assert_eq!(refused[0].remaining(), 1, "the burst was not charged");
+        }
+        assert_eq!(backend.peek(&burst, &k).remaining(), 1);
+        // Alone, the burst limit still gives its last cell.
+        assert!(backend.decide(&burst, &k).unwrap().is_allowed());
+    }
+
+    #[test]
+    fn max_keys_caps_all_limits_together() {
+        let a = limit("1/h", 1);
+        let b = Limit::new("b", "1/h".parse().unwrap(), NonZeroU32::new(1).unwrap());
+        let backend = MemoryBackend::with_clock(1000, FakeRelativeClock::default());
+        for n in 0..5000 {
+            backend.decide(&a, &key(n)).unwrap();
+            backend.decide(&b, &key(n)).unwrap();
+            assert!(
+                backend.total_len() <= 1000,
+                "len {} after {n}",
+                backend.total_len()
+            );
+        }
+        assert!(backend.len(&a) > 0 && backend.len(&b) > 0);
+    }
+
+    #[test]
+    fn a_limit_rebuilt_keeps_its_state_and_a_new_name_or_algorithm_starts_fresh() {
+        let backend = MemoryBackend::with_clock(100, FakeRelativeClock::default());
+        let before = limit("1/h", 1);
+        assert!(backend.decide(&before, &key(1)).unwrap().is_allowed());
+        let same = limit("1/h", 1);
+        assert_eq!(same.id(), before.id());
+        assert!(!backend.decide(&same, &key(1)).unwrap().is_allowed());
+        for other in [
+            Limit::new("login", "1/h".parse().unwrap(), NonZeroU32::new(1).unwrap()),
+            Limit::window("default", "1/h".parse().unwrap(), Algorithm::FixedWindow).unwrap(),
+        ] {
+            assert_ne!(other.id(), before.id());
+            assert!(backend.decide(&other, &key(1)).unwrap().is_allowed());
+        }
+    }
+
+    #[test]
+    fn forget_gives_a_key_a_fresh_start() {
+        let l = limit("1/h", 1);
+        let backend = MemoryBackend::with_clock(100, FakeRelativeClock::default());
+        assert!(backend.decide(&l, &key(1)).unwrap().is_allowed());
+        assert!(!backend.decide(&l, &key(1)).unwrap().is_allowed());
+        assert!(backend.forget(&l, &key(1)));
+        assert!(!backend.forget(&l, &key(1)));
+        assert!(backend.decide(&l, &key(1)).unwrap().is_allowed());
+        assert_eq!(backend.total_len(), 1);
+    }
+
+    #[test]
+    fn windows_line_up_with_the_unix_epoch() {
+        let clock = FakeRelativeClock::default();
+        // 10 ms before a minute boundary.
+        let backend = MemoryBackend::with_clock_at(
+            100,
+            clock.clone(),
+            Duration::from_secs(1_800_000_060) - Duration::from_millis(10),
+        );
+        let l = Limit::window("w", "2/min".parse().unwrap(), Algorithm::FixedWindow).unwrap();
+        assert!(backend.decide(&l, &key(1)).unwrap().is_allowed());
+        assert!(backend.decide(&l, &key(1)).unwrap().is_allowed());
+        match backend.decide(&l, &key(1)).unwrap() {
+            Decision::Limited { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_millis(10))
+            }
+            other => panic!("{other:?}"),
+        }
+        clock.advance(Duration::from_millis(10));
+        assert!(backend.decide(&l, &key(1)).unwrap().is_allowed());
     }
 }

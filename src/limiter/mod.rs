@@ -1,17 +1,20 @@
 //! Limits, the decisions made against them, and the seam behind which limiter
 //! state lives.
 //!
-//! Every backend answers the same question the same way: "may `key` take one
-//! more cell of `limit` now?". They differ only in where the state is kept
-//! (this process's memory, or Redis shared by many replicas), never in the
-//! arithmetic: both run GCRA with the same emission interval and tolerance, so
-//! one conformance suite (`tests/conformance.rs`) holds them to one behaviour.
+//! A [`Limit`] is a named [`Rate`] counted by one of three [`Algorithm`]s
+//! (GCRA with a burst, a sliding or a fixed window). The arithmetic of each
+//! is a small pure type in [`algorithm`]; every backend runs that same
+//! arithmetic and differs only in where the state is kept (this process's
+//! memory, or Redis shared by many replicas), so one conformance suite
+//! (`tests/conformance.rs`) holds them to one behaviour.
 //!
-//! A decision is per (limit, key). Today a request is checked against one
-//! limit; rules with several limits each will call [`Backend::check`] once per
-//! limit and combine the [`Decision`]s, which is why a decision carries no
-//! policy details of its own: those come from the [`Limit`].
+//! A request is checked against all the limits of its rule at once
+//! ([`Backend::check_all`]): it passes only if every limit allows it, and a
+//! refused request is charged to none of them (nginx's behaviour with
+//! several `limit_req` zones). A [`Decision`] is per (limit, key) and carries
+//! no policy of its own: that comes from the [`Limit`].
 
+pub mod algorithm;
 pub mod memory;
 mod rate;
 pub mod redis;
@@ -20,57 +23,141 @@ use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use actix_web::http::header::HeaderValue;
 use async_trait::async_trait;
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use crate::key::Fingerprinter;
 
+pub use algorithm::{ALGORITHM_SYNTAX, Algorithm, Counter, UnknownAlgorithm};
 pub use memory::MemoryBackend;
 pub use rate::{RATE_SYNTAX, Rate, RateError};
 pub use redis::{Fallback, RedisBackend, RedisTarget};
 
 // === Limit ===
 
-/// A named limit: a sustained [`Rate`] plus the burst allowed at once.
+/// A named limit: a sustained [`Rate`], counted by an [`Algorithm`].
 ///
-/// GCRA view: one cell is emitted every [`emission_interval`](Self::emission_interval)
-/// (`T`), and a key may run ahead of that schedule by `tau = T * (burst - 1)`, so
-/// `burst` cells fit through at once and then one every `T`.
+/// GCRA view ([`Limit::new`]): one cell is emitted every
+/// [`emission_interval`](Self::emission_interval) (`T`), and a key may run
+/// ahead of that schedule by `tau = T * (burst - 1)`, so `burst` cells fit
+/// through at once and then one every `T`. Window view ([`Limit::window`]):
+/// `n` requests per window of the rate's period, windows aligned to the
+/// Unix epoch.
 #[derive(Clone, Debug)]
 pub struct Limit {
     id: LimitId,
     name: Arc<str>,
     rate: Rate,
     burst: NonZeroU32,
+    algorithm: Algorithm,
 }
 
-/// Identifies a [`Limit`] within this process; backends index their state by it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct LimitId(u32);
+/// A limit's identity: its name and algorithm, the same in every process
+/// and version. Backends key their state by it, so state survives a rules
+/// reload that keeps the limit (a changed rate or burst reads the counters
+/// as they are, as nginx keeps a zone's state across a reload), replicas
+/// sharing Redis agree, and a limit that changes algorithm starts fresh
+/// (its state means something else). A rule set's limit names are unique.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LimitId(u64);
 
-static NEXT_LIMIT_ID: AtomicU32 = AtomicU32::new(0);
+impl fmt::Display for LimitId {
+    /// Sixteen lower-case hex digits.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Why [`Limit::window`] refused its parameters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// `Limit::window` was given [`Algorithm::Gcra`], which needs a burst.
+    #[error("gcra needs a burst: use Limit::new")]
+    NotAWindow,
+    /// A sliding window whose `n * window_ms` reaches 2^53.
+    #[error("a sliding window may count at most 2^53 / window_ms requests ({0} for this period)")]
+    SlidingTooLarge(u64),
+}
 
 impl Limit {
-    /// A limit named `name` (the policy name shown in `RateLimit-Policy`).
+    /// A GCRA limit named `name` (the policy name shown in
+    /// `RateLimit-Policy`): `burst` at once, then `rate`.
     pub fn new(name: impl Into<Arc<str>>, rate: Rate, burst: NonZeroU32) -> Self {
+        Limit::build(name.into(), rate, burst, Algorithm::Gcra)
+    }
+
+    /// A window limit: `rate.count()` requests per `rate.period()`, counted
+    /// by `algorithm` ([`Algorithm::FixedWindow`] or
+    /// [`Algorithm::SlidingWindow`]).
+    pub fn window(
+        name: impl Into<Arc<str>>,
+        rate: Rate,
+        algorithm: Algorithm,
+    ) -> Result<Self, LimitError> {
+        match algorithm {
+            Algorithm::Gcra => return Err(LimitError::NotAWindow),
+            Algorithm::SlidingWindow => {
+                let window_ms = u64::try_from(rate.period().as_millis()).unwrap_or(u64::MAX);
+                let most = algorithm::SLIDING_WINDOW_MAX / window_ms.max(1);
+                if u64::from(rate.count().get()) > most {
+                    return Err(LimitError::SlidingTooLarge(most));
+                }
+            }
+            Algorithm::FixedWindow => {}
+        }
+        Ok(Limit::build(name.into(), rate, rate.count(), algorithm))
+    }
+
+    fn build(name: Arc<str>, rate: Rate, burst: NonZeroU32, algorithm: Algorithm) -> Self {
+        let mut id = blake3::Hasher::new_derive_key("floodgate limit identity v1");
+        for part in [name.as_bytes(), algorithm.as_str().as_bytes()] {
+            id.update(&(part.len() as u64).to_le_bytes());
+            id.update(part);
+        }
+        let digest = id.finalize();
+        let id = LimitId(u64::from_le_bytes(
+            digest.as_bytes()[..8].try_into().expect("8 bytes"),
+        ));
         Limit {
-            id: LimitId(NEXT_LIMIT_ID.fetch_add(1, Ordering::Relaxed)),
-            name: name.into(),
+            id,
+            name,
             rate,
             burst,
+            algorithm,
         }
     }
 
-    /// This limit's identity, shared by its clones: a backend built with
-    /// the limit knows it by this id, and answers
-    /// [`BackendError::UnknownLimit`] for a limit it was not built with, even
-    /// one with the same name and rate.
+    /// This limit's identity (see [`LimitId`]).
     pub fn id(&self) -> LimitId {
         self.id
+    }
+
+    /// How this limit counts.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The arithmetic of this limit: what every backend runs.
+    pub fn counter(&self) -> Counter {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        match self.algorithm {
+            Algorithm::Gcra => Counter::Gcra(algorithm::Gcra::new(
+                self.emission_interval(),
+                self.tolerance(),
+            )),
+            Algorithm::FixedWindow => Counter::FixedWindow(algorithm::FixedWindow {
+                n: u64::from(self.rate.count().get()),
+                window: micros(self.rate.period()),
+            }),
+            Algorithm::SlidingWindow => Counter::SlidingWindow(algorithm::SlidingWindow {
+                n: u64::from(self.rate.count().get()),
+                window: micros(self.rate.period()),
+            }),
+        }
     }
 
     /// The policy name, shown in `RateLimit-Policy` and in logs.
@@ -84,7 +171,8 @@ impl Limit {
         self.rate
     }
 
-    /// Cells a fresh key may take at once, before the rate spaces them out.
+    /// Cells a fresh key may take at once, before the rate spaces them out
+    /// (a window limit: its `n`).
     pub fn burst(&self) -> NonZeroU32 {
         self.burst
     }
@@ -102,18 +190,6 @@ impl Limit {
             .map_or(MAX_TOLERANCE, |tau| tau.min(MAX_TOLERANCE))
     }
 
-    /// The governor quota with the same `T` and tolerance.
-    pub(crate) fn quota(&self) -> governor::Quota {
-        let t = self.emission_interval();
-        // The burst that gives the (possibly capped) tolerance.
-        let burst =
-            u32::try_from(self.tolerance().as_micros() / t.as_micros() + 1).unwrap_or(u32::MAX);
-        // `with_period` only fails for a zero period, which `Rate` rules out.
-        governor::Quota::with_period(t)
-            .expect("Rate guarantees a non-zero emission interval")
-            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
-    }
-
     /// Time until a key with `remaining` cells left is back to a full burst.
     ///
     /// Exact GCRA state would give `tat - now`, which lies in
@@ -121,6 +197,16 @@ impl Limit {
     /// the upper end so that memory and Redis answer alike.
     pub(crate) fn reset_after(&self, remaining: u32) -> Duration {
         self.emission_interval() * self.burst.get().saturating_sub(remaining)
+    }
+
+    /// The policy as `RateLimit-Policy` and logs spell it:
+    /// `10/min burst 10 gcra`.
+    pub fn describe(&self) -> String {
+        let period = self.rate.period().as_secs();
+        match self.algorithm {
+            Algorithm::Gcra => format!("{}/{period}s burst {} gcra", self.rate.count(), self.burst),
+            a => format!("{}/{period}s {a}", self.rate.count()),
+        }
     }
 }
 
@@ -155,6 +241,14 @@ impl Decision {
     /// Whether the request may go on ([`Decision::Allowed`]).
     pub fn is_allowed(&self) -> bool {
         matches!(self, Decision::Allowed { .. })
+    }
+
+    /// When a refused request may be retried; `None` when allowed.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Decision::Limited { retry_after, .. } => Some(*retry_after),
+            Decision::Allowed { .. } => None,
+        }
     }
 
     /// Cells the key has left right now: 0 when limited.
@@ -196,6 +290,7 @@ enum Repr {
     Ip(IpAddr),
     Header(HeaderValue),
     Bytes(Bytes),
+    Composite(Arc<[RateKey]>),
 }
 
 impl RateKey {
@@ -219,6 +314,40 @@ impl RateKey {
         RateKey(Repr::Bytes(value.into()))
     }
 
+    /// Several keys counted together (`header:x-api-key+ip`: one budget per
+    /// API key per address). Order matters; one part is that part itself.
+    pub fn composite(parts: impl IntoIterator<Item = RateKey>) -> Self {
+        let mut parts: Vec<RateKey> = parts.into_iter().collect();
+        if parts.len() == 1 {
+            return parts.pop().expect("one part");
+        }
+        RateKey(Repr::Composite(parts.into()))
+    }
+
+    /// The parts of a composite key; a single key is its own one part.
+    pub fn parts(&self) -> &[RateKey] {
+        match &self.0 {
+            Repr::Composite(parts) => parts,
+            _ => std::slice::from_ref(self),
+        }
+    }
+
+    /// The header value, for a header key.
+    pub fn header_value(&self) -> Option<&HeaderValue> {
+        match &self.0 {
+            Repr::Header(value) => Some(value),
+            _ => None,
+        }
+    }
+
+    /// The address, for an address key.
+    pub fn ip_addr(&self) -> Option<IpAddr> {
+        match &self.0 {
+            Repr::Ip(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+
     /// A stable, printable identity for stores shared between processes: the
     /// same key gives the same bytes on every replica and every version, as
     /// long as `fingerprints` has the same scope. Each kind has its own
@@ -231,6 +360,7 @@ impl RateKey {
     /// | client address | `ip:` and the address (`ip:192.0.2.1`, `ip:2001:db8::`) |
     /// | header value | `h:` and its [`Fingerprint`](crate::key::Fingerprint), always |
     /// | custom bytes | `b:` and their fingerprint, always |
+    /// | composite | `c:` and the fingerprint of its parts' ids, always |
     ///
     /// A header value (an API key) is never written in clear, whatever its
     /// length, and no id is longer than [`MAX_STABLE_ID`].
@@ -263,6 +393,20 @@ impl RateKey {
             }
             Repr::Header(value) => (b"h:", value.as_bytes()),
             Repr::Bytes(bytes) => (b"b:", bytes.as_ref()),
+            Repr::Composite(parts) => {
+                // Each part's id, length-prefixed, so no split of the parts
+                // spells another's.
+                let mut joined = Vec::with_capacity(parts.len() * (MAX_STABLE_ID + 2));
+                for part in parts.iter() {
+                    let start = joined.len();
+                    joined.extend_from_slice(&[0, 0]);
+                    part.write_stable_id(fingerprints, &mut joined);
+                    let len = u16::try_from(joined.len() - start - 2).unwrap_or(u16::MAX);
+                    joined[start..start + 2].copy_from_slice(&len.to_be_bytes());
+                }
+                out.extend_from_slice(b"c:");
+                return fingerprints.fingerprint(&joined).write_hex(out);
+            }
         };
         out.extend_from_slice(kind);
         fingerprints.fingerprint(value).write_hex(out);
@@ -288,6 +432,15 @@ impl fmt::Display for RateKey {
             Repr::Ip(ip) => write!(f, "ip:{ip}"),
             Repr::Header(value) => write!(f, "header:{}", Redacted(value.as_bytes())),
             Repr::Bytes(bytes) => write!(f, "key:{}", Redacted(bytes)),
+            Repr::Composite(parts) => {
+                for (i, part) in parts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("+")?;
+                    }
+                    fmt::Display::fmt(part, f)?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -304,24 +457,53 @@ impl fmt::Display for Redacted<'_> {
 
 // === Backend ===
 
+/// One limit to check for one key: a request has one per limit of its rule.
+#[derive(Clone, Copy, Debug)]
+pub struct Check<'a> {
+    /// The limit.
+    pub limit: &'a Limit,
+    /// Whom it counts.
+    pub key: &'a RateKey,
+}
+
+/// One [`Decision`] per [`Check`], in order (inline up to four).
+pub type Decisions = SmallVec<[Decision; 4]>;
+
 /// Where rate-limit state lives.
 ///
-/// Implementations must make [`check`](Self::check) atomic per key: two
-/// concurrent calls must never both take the last cell.
+/// Implementations must make [`check_all`](Self::check_all) atomic: two
+/// concurrent calls must never both take the last cell of a key, and a
+/// request refused by one of its limits must be charged to none.
 #[async_trait(?Send)]
 pub trait Backend: Send + Sync {
-    /// Runs once per request and limit, before the request is forwarded.
-    /// Takes one cell of `limit` for `key`, or says when the caller may retry.
-    /// An `Err` means the store could not decide; the caller applies its
-    /// failure policy.
-    async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError>;
+    /// Runs once per request, before the request is forwarded: one
+    /// decision per check, in order. If every one allows the request, each
+    /// limit is charged one cell; if any refuses it, none is charged, and
+    /// the allowing entries report the cells their key has left without
+    /// this request. An `Err` means the store could not decide; the caller
+    /// applies its failure policy.
+    ///
+    /// Any limit may be checked: backends take no list of limits up front,
+    /// and keep state by [`Limit::id`], so a reloaded rule set whose limit
+    /// is unchanged finds its counters where it left them.
+    async fn check_all(&self, checks: &[Check<'_>]) -> Result<Decisions, BackendError>;
 
-    /// The same decision without waiting, when the backend can make it
+    /// The same decisions without waiting, when the backend can make them
     /// locally (memory always; Redis for a refusal it still remembers).
-    /// `None` means: call [`check`](Self::check). The middleware tries this
-    /// first, which spares the boxed future on the hot path.
-    fn try_check(&self, _limit: &Limit, _key: &RateKey) -> Option<Result<Decision, BackendError>> {
+    /// `None` means: call [`check_all`](Self::check_all). The middleware
+    /// tries this first, which spares the boxed future on the hot path.
+    fn try_check_all(&self, _checks: &[Check<'_>]) -> Option<Result<Decisions, BackendError>> {
         None
+    }
+
+    /// One limit for one key: [`check_all`](Self::check_all) of one check.
+    async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError> {
+        let checks = [Check { limit, key }];
+        let decisions = match self.try_check_all(&checks) {
+            Some(answer) => answer?,
+            None => self.check_all(&checks).await?,
+        };
+        Ok(decisions[0])
     }
 
     /// Runs on each worker's runtime as it starts, before its first request
@@ -359,10 +541,6 @@ pub enum Health {
 /// Why a backend could not decide.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// The limit (named here) was not among those the backend was built
-    /// with: a wiring mistake, not an outage.
-    #[error("limit {0:?} was not registered with this backend")]
-    UnknownLimit(Arc<str>),
     /// The store did not answer within this time (`FLOODGATE_REDIS_TIMEOUT`
     /// for Redis).
     #[error("no answer within {0:?}")]

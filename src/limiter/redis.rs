@@ -60,7 +60,8 @@ use redis::{
 use self::circuit::{Circuit, State};
 use self::fallback::{CHARGE_SCRIPT, Charge, Local};
 use super::{
-    Backend, BackendError, Decision, Health, Limit, LimitId, MAX_STABLE_ID, MemoryBackend, RateKey,
+    Backend, BackendError, Check, Decision, Decisions, Health, Limit, MAX_STABLE_ID, MemoryBackend,
+    RateKey,
 };
 use crate::key::Fingerprinter;
 use crate::metrics::Metrics;
@@ -189,7 +190,6 @@ struct Inner {
     /// Keyed by the prefix: replicas sharing one agree (see `redis_key`).
     fingerprints: Fingerprinter,
     timeout: Duration,
-    limits: Vec<(LimitId, Params)>,
     local: Option<Local>,
     fallback: Fallback,
     circuit: Circuit,
@@ -229,12 +229,11 @@ impl Params {
 }
 
 impl RedisBackend {
-    /// State for `limits` in `target`, under keys starting with `prefix`;
+    /// State in `target`, under keys starting with `prefix`;
     /// each decision waits at most `timeout`. Validates the URLs; does not
     /// connect.
-    pub fn new<'a>(
+    pub fn new(
         target: RedisTarget,
-        limits: impl IntoIterator<Item = &'a Limit> + Clone,
         prefix: impl Into<String>,
         timeout: Duration,
         fallback: Fallback,
@@ -248,8 +247,7 @@ impl RedisBackend {
                 redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str))?;
             }
         }
-        let local = (fallback == Fallback::Local)
-            .then(|| Local::new(MemoryBackend::new(limits.clone(), max_keys)));
+        let local = (fallback == Fallback::Local).then(|| Local::new(MemoryBackend::new(max_keys)));
         let prefix = prefix.into();
         Ok(RedisBackend {
             inner: Arc::new(Inner {
@@ -262,10 +260,6 @@ impl RedisBackend {
                 fingerprints: Fingerprinter::new(prefix.as_bytes()),
                 prefix,
                 timeout,
-                limits: limits
-                    .into_iter()
-                    .map(|l| (l.id(), Params::new(l)))
-                    .collect(),
                 local,
                 fallback,
                 circuit: Circuit::default(),
@@ -291,19 +285,9 @@ impl RedisBackend {
         self.inner.redis_key(limit, key)
     }
 
-    /// Whether the circuit is closed (Redis answering).
-    pub fn is_up(&self) -> bool {
-        self.inner.circuit.state() == State::Up
-    }
-}
-
-#[async_trait(?Send)]
-impl Backend for RedisBackend {
-    async fn check(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError> {
+    async fn check_one(&self, limit: &Limit, key: &RateKey) -> Result<Decision, BackendError> {
         let inner = &self.inner;
-        let params = inner
-            .params(limit)
-            .ok_or_else(|| BackendError::UnknownLimit(limit.name.clone()))?;
+        let params = Params::new(limit);
         if let Some(decision) = inner.blocked.get(limit, key) {
             return Ok(decision);
         }
@@ -347,8 +331,32 @@ impl Backend for RedisBackend {
         }
     }
 
-    fn try_check(&self, limit: &Limit, key: &RateKey) -> Option<Result<Decision, BackendError>> {
-        self.inner.blocked.get(limit, key).map(Ok)
+    /// Whether the circuit is closed (Redis answering).
+    pub fn is_up(&self) -> bool {
+        self.inner.circuit.state() == State::Up
+    }
+}
+
+#[async_trait(?Send)]
+impl Backend for RedisBackend {
+    async fn check_all(&self, checks: &[Check<'_>]) -> Result<Decisions, BackendError> {
+        // One limit per request is all this backend decides atomically so far.
+        let mut decisions = Decisions::new();
+        for check in checks {
+            decisions.push(self.check_one(check.limit, check.key).await?);
+        }
+        Ok(decisions)
+    }
+
+    fn try_check_all(&self, checks: &[Check<'_>]) -> Option<Result<Decisions, BackendError>> {
+        match checks {
+            [check] => self
+                .inner
+                .blocked
+                .get(check.limit, check.key)
+                .map(|d| Ok(std::iter::once(d).collect())),
+            _ => None,
+        }
     }
 
     fn start(&self) {
@@ -397,13 +405,6 @@ impl Backend for RedisBackend {
 }
 
 impl Inner {
-    fn params(&self, limit: &Limit) -> Option<Params> {
-        self.limits
-            .iter()
-            .find(|(id, _)| *id == limit.id())
-            .map(|(_, p)| *p)
-    }
-
     /// `<prefix>{<stable id>}:<limit>`: an API key only ever appears as its
     /// fingerprint, and the part a client controls is at most
     /// [`MAX_STABLE_ID`] bytes.
@@ -430,7 +431,7 @@ impl Inner {
                 if let Some(metrics) = &self.metrics {
                     metrics.backend_errors.inc();
                 }
-                let t_us = self.params(limit).map_or(0, |p| p.t_us);
+                let t_us = Params::new(limit).t_us;
                 local.decide(limit, key, || self.redis_key(limit, key), t_us)
             }
             None => Err(err),

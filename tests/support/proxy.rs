@@ -68,11 +68,8 @@ impl ProxyBuilder {
             None => Floodgate::new(settings).expect("building floodgate"),
             Some(clock) => {
                 let limit = server::default_limit(&settings);
-                let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::with_clock(
-                    [&limit],
-                    settings.max_keys,
-                    clock,
-                ));
+                let backend: Arc<dyn Backend> =
+                    Arc::new(MemoryBackend::with_clock(settings.max_keys, clock));
                 Floodgate::with_backend(settings, limit, backend).expect("building floodgate")
             }
         };

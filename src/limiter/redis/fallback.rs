@@ -183,7 +183,7 @@ mod tests {
     #[test]
     fn a_key_spent_through_redis_stays_spent_locally() {
         let l = limit();
-        let local = Local::new(MemoryBackend::new([&l], 100));
+        let local = Local::new(MemoryBackend::new(100));
         let key = RateKey::bytes("spent");
         // Redis answered "allowed, 0 remaining": TAT = now + tau + t.
         local.seen(&l, &key, l.tolerance() + l.emission_interval());
