@@ -77,6 +77,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod middleware;
 pub mod outage;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod settings;
