@@ -10,26 +10,27 @@
 
 mod parse;
 mod raw;
+mod rules;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ::config::{Config, Environment, File, FileFormat};
-use actix_web::http::header::HeaderName;
 use ipnet::IpNet;
 
 use crate::headers::HeaderStyle;
-use crate::limiter::{Fallback, Rate};
+use crate::limiter::{Fallback, Limit};
+use crate::policy::{KeySpec, Rules};
 use crate::proxy::HostHeader;
 
 #[allow(unused_imports)] // the tests reach the private parsers through here
 use parse::*;
 pub use parse::{parse_duration, parse_size, redact_url};
 use raw::Raw;
+pub use rules::{LIMIT_FIELDS, MATCH_FIELDS, RULE_FIELDS};
 
 /// The shipped, commented defaults (also the lowest settings layer).
 pub const DEFAULT_TOML: &str = include_str!("../../settings/default.toml");
@@ -57,6 +58,10 @@ pub const KEYS: &[&str] = &[
     "rate",
     "burst",
     "key",
+    "algorithm",
+    "allow",
+    "deny",
+    "shadow",
     "trusted_proxies",
     "ipv6_prefix",
     "headers",
@@ -75,6 +80,9 @@ pub const KEYS: &[&str] = &[
     "max_connections",
 ];
 
+/// Keys only a settings file may hold (tables, not environment values).
+pub const FILE_KEYS: &[&str] = &["rules"];
+
 /// Every environment variable floodgate reads.
 pub fn env_vars() -> impl Iterator<Item = String> {
     std::iter::once(CONFIG_VAR.to_owned()).chain(KEYS.iter().map(|k| env_name(k)))
@@ -82,17 +90,6 @@ pub fn env_vars() -> impl Iterator<Item = String> {
 
 fn env_name(key: &str) -> String {
     format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
-}
-
-/// How requests are counted (`FLOODGATE_KEY`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyKind {
-    /// `ip`: the client address (the TCP peer, or the `X-Forwarded-For`
-    /// address a trusted proxy gave; IPv6 per `ipv6_prefix` network).
-    Ip,
-    /// `header:<name>`: the value of this request header (an API key, say);
-    /// a request without it is counted by address.
-    Header(HeaderName),
 }
 
 /// Where limiter state lives (`FLOODGATE_BACKEND`).
@@ -150,13 +147,32 @@ impl fmt::Debug for RedisSettings {
 /// Validated settings: what [`Settings::load`] returns once every value has
 /// parsed, in two parts: [`Static`], fixed for the life of the process, and
 /// [`Policy`], the part a reload may replace. `Settings` dereferences to its
-/// [`Static`] part, so `settings.listen` reads as it always has.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// [`Static`] part, so `settings.listen` reads as it always has. Two
+/// settings are equal when both parts are, whatever environment they came
+/// from.
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// What is fixed at startup.
     pub startup: Static,
     /// What limits requests: the reloadable part.
     pub policy: Policy,
+    /// The environment these settings were loaded from.
+    pub env: EnvSnapshot,
+}
+
+impl PartialEq for Settings {
+    fn eq(&self, other: &Self) -> bool {
+        self.startup == other.startup && self.policy == other.policy
+    }
+}
+
+impl Eq for Settings {}
+
+impl Settings {
+    /// [`reload`] with the environment these settings were loaded from.
+    pub fn reload(&self) -> Result<Rules, SettingsError> {
+        reload(&self.env)
+    }
 }
 
 impl std::ops::Deref for Settings {
@@ -247,16 +263,66 @@ pub struct Static {
 }
 
 /// The reloadable policy: which limits apply to a request and whom they
-/// count.
+/// count, built into [`Rules`].
+///
+/// * The default rule (`default`), for requests no file rule fits:
+///   `FLOODGATE_RATE` (a comma list makes several limits, named `default`
+///   for one and `default.1`, `default.2`, … for several; `none`: unmatched
+///   requests are not limited), `FLOODGATE_ALGORITHM` (all of its limits),
+///   `FLOODGATE_BURST` (the first limit only, which must be `gcra`; the
+///   others admit their rate's n at once) and `FLOODGATE_KEY`.
+/// * The file's `[[rules]]`, tried in order before the default.
+/// * `FLOODGATE_ALLOW`, `FLOODGATE_DENY`, `FLOODGATE_SHADOW`: the global
+///   lists ([`Rules::global`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// `FLOODGATE_RATE`, default `10/min`: the default limit, `<n>/<period>`.
-    pub rate: Rate,
-    /// `FLOODGATE_BURST`, default empty, meaning the rate's n: requests
-    /// allowed at once before the rate spaces them out.
-    pub burst: NonZeroU32,
-    /// `FLOODGATE_KEY`, default `ip`: whom a limit counts.
-    pub key: KeyKind,
+    /// The rule set the gate uses.
+    pub rules: Rules,
+}
+
+impl Policy {
+    /// The default rule's first limit, if it has any.
+    pub fn default_limit(&self) -> Option<&Limit> {
+        self.rules.default_rule().limits.first().map(|l| &l.limit)
+    }
+
+    /// `FLOODGATE_KEY`: the default rule's key.
+    pub fn key(&self) -> &KeySpec {
+        &self.rules.default_rule().key
+    }
+}
+
+/// The environment [`Settings::load`] read, kept for [`reload`]: on a
+/// reload the file is read again, the environment is not. Its `Debug` shows
+/// variable names only (values may hold passwords).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EnvSnapshot(BTreeMap<String, String>);
+
+impl fmt::Debug for EnvSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl EnvSnapshot {
+    /// The `FLOODGATE_*` variables of `env`.
+    pub fn new(env: impl IntoIterator<Item = (String, String)>) -> Self {
+        EnvSnapshot(
+            env.into_iter()
+                .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+                .collect(),
+        )
+    }
+}
+
+/// Builds the rules again from the settings file `env` names (re-read now)
+/// and the environment as it was (`env`; variables are not re-read): the
+/// reload entry point. The same problems, in the same words, as at startup,
+/// static settings included (a file whose `listen` no longer parses is
+/// refused too); a valid file's static settings are not applied (they need
+/// a restart).
+pub fn reload(env: &EnvSnapshot) -> Result<Rules, SettingsError> {
+    Settings::load(env.0.clone()).map(|s| s.policy.rules)
 }
 
 /// Every problem found, one per line.
@@ -291,10 +357,8 @@ impl Settings {
     /// without the prefix are ignored; an unknown `FLOODGATE_*` variable is
     /// an error, so a typo cannot silently leave a default in force.
     pub fn load(env: impl IntoIterator<Item = (String, String)>) -> Result<Self, SettingsError> {
-        let env: HashMap<String, String> = env
-            .into_iter()
-            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
-            .collect();
+        let snapshot = EnvSnapshot::new(env);
+        let env: HashMap<String, String> = snapshot.0.clone().into_iter().collect();
         let mut problems = Vec::new();
 
         let mut unknown: Vec<&String> = env
@@ -349,7 +413,7 @@ impl Settings {
         };
 
         let mut raw = Raw::new(&merged, &env, config_file.as_deref(), &mut problems);
-        let settings = raw.settings(config_file.clone());
+        let settings = raw.settings(config_file.clone(), snapshot);
         let mut problems = raw.problems;
         match settings {
             Some(settings) if problems.is_empty() => Ok(settings),
@@ -366,10 +430,22 @@ impl Settings {
     /// spelled as it would be written in a settings file (`headers=ietf`,
     /// `redis_timeout=50ms`). No secrets.
     pub fn summary(&self) -> String {
-        let key = match &self.policy.key {
-            KeyKind::Ip => "ip".to_owned(),
-            KeyKind::Header(name) => format!("header:{name}"),
+        let key = self.policy.key();
+        let default = self.policy.rules.default_rule();
+        let rate = if default.limits.is_empty() {
+            "none".to_owned()
+        } else {
+            default
+                .limits
+                .iter()
+                .map(|l| l.limit.rate().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         };
+        let burst = self
+            .policy
+            .default_limit()
+            .map_or("none".to_owned(), |l| l.burst().to_string());
         let backend = match self.backend {
             BackendKind::Memory => format!("memory max_keys={}", self.max_keys),
             BackendKind::Redis => {
@@ -403,15 +479,15 @@ impl Settings {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        format!(
+        let mut line = format!(
             "listen={} upstream={} rate={} burst={} key={key} trusted_proxies={trusted} backend={backend} \
              headers={} host_header={} admin_listen={} workers={} upstream_timeout={} client_timeout={} \
              send_timeout={} websocket_idle_timeout={} max_connections={} max_body={} \
              upstream_reuse_after_body={}",
             self.listen,
             self.upstream,
-            self.policy.rate,
-            self.policy.burst,
+            rate,
+            burst,
             header_style_text(self.headers),
             host_header_text(self.host_header),
             self.admin_listen,
@@ -423,7 +499,32 @@ impl Settings {
             self.max_connections,
             self.max_body.map_or("0".to_owned(), |n| n.to_string()),
             self.upstream_reuse_after_body,
-        )
+        );
+        // Only what differs from a setup without rules, so that line stays
+        // as it always was.
+        if let Some(algorithm) = self
+            .policy
+            .default_limit()
+            .map(|l| l.algorithm())
+            .filter(|a| a.is_window())
+        {
+            line.push_str(&format!(" algorithm={algorithm}"));
+        }
+        let global = self.policy.rules.global();
+        for (name, nets) in [("allow", &global.allow), ("deny", &global.deny)] {
+            if !nets.is_empty() {
+                let nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
+                line.push_str(&format!(" {name}={}", nets.join(",")));
+            }
+        }
+        if global.shadow {
+            line.push_str(" shadow=true");
+        }
+        let rules: Vec<&str> = self.policy.rules.rules().map(|r| &*r.name).collect();
+        if !rules.is_empty() {
+            line.push_str(&format!(" rules={}", rules.join(",")));
+        }
+        line
     }
 }
 

@@ -7,12 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use ::config::FileFormat;
-use actix_web::http::header::HeaderName;
 use ipnet::IpNet;
 
-use super::KeyKind;
+use std::str::FromStr;
+
 use crate::headers::HeaderStyle;
 use crate::limiter::Fallback;
+use crate::limiter::Rate;
+use crate::policy::KeySpec;
 use crate::proxy::HostHeader;
 
 pub(crate) fn list(s: &str) -> impl Iterator<Item = &str> {
@@ -86,24 +88,30 @@ pub fn parse_size(s: &str) -> Result<Option<u64>, String> {
     Ok((bytes > 0).then_some(bytes))
 }
 
-pub(crate) fn parse_key(s: &str) -> Result<KeyKind, String> {
-    const ACCEPTED: &str = "expected ip or header:<name>, e.g. header:x-api-key";
-    if s.eq_ignore_ascii_case("ip") {
-        return Ok(KeyKind::Ip);
+pub(crate) fn parse_key(s: &str) -> Result<KeySpec, String> {
+    s.parse::<KeySpec>().map_err(|e| e.to_string())
+}
+
+/// `FLOODGATE_RATE`: a comma-separated list of rates, or `none` (no list:
+/// unmatched requests are not limited).
+pub(crate) fn parse_rates(s: &str) -> Result<Vec<Rate>, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
     }
-    let Some(name) = s
-        .strip_prefix("header:")
-        .or_else(|| s.strip_prefix("HEADER:"))
-    else {
-        return Err(ACCEPTED.into());
-    };
-    let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| ACCEPTED.to_owned())?;
-    if crate::proxy::rewritten_on_the_way(&name) {
-        return Err(format!(
-            "{name} is dropped or rewritten by floodgate and cannot be a key; {ACCEPTED}"
-        ));
-    }
-    Ok(KeyKind::Header(name))
+    s.split(',')
+        .map(|part| {
+            Rate::from_str(part.trim()).map_err(|e| {
+                if s.contains(',') {
+                    format!(
+                        "{:?}: {e}; several rates are separated by commas, e.g. 10/s,1000/day",
+                        part.trim()
+                    )
+                } else {
+                    format!("{e}; or several separated by commas, or none")
+                }
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {

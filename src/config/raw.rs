@@ -10,11 +10,14 @@ use std::time::Duration;
 use ::config::{Value, ValueKind};
 
 use super::parse::*;
+use super::rules::{Inherited, Problems, file_rules, make_limit, most_burst};
 use super::{
-    BackendKind, KEYS, MAX_CONNECTIONS_LIMIT, Policy, RedisSettings, Settings, Static, env_name,
+    BackendKind, EnvSnapshot, FILE_KEYS, KEYS, MAX_CONNECTIONS_LIMIT, Policy, RedisSettings,
+    Settings, Static, env_name,
 };
 use crate::headers::HeaderStyle;
-use crate::limiter::{Fallback, MAX_TOLERANCE, Rate};
+use crate::limiter::{ALGORITHM_SYNTAX, Algorithm, Fallback};
+use crate::policy::{DEFAULT_RULE, Lists, Rule, Rules};
 use crate::proxy::{HostHeader, Upstream};
 
 /// The merged text values, and the problems found parsing them.
@@ -22,6 +25,8 @@ pub(super) struct Raw<'a> {
     values: BTreeMap<String, (String, Origin)>,
     file: Option<&'a Path>,
     pub(super) problems: Vec<String>,
+    /// The file's `rules`, if it has any.
+    rules: Option<Value>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -39,6 +44,7 @@ impl<'a> Raw<'a> {
         problems: &mut Vec<String>,
     ) -> Self {
         let mut values = BTreeMap::new();
+        let mut rules = None;
         let mut raw_problems = std::mem::take(problems);
         for (key, value) in merged {
             let key = key.to_ascii_lowercase();
@@ -50,6 +56,10 @@ impl<'a> Raw<'a> {
             } else {
                 Origin::Default
             };
+            if FILE_KEYS.contains(&key.as_str()) && origin == Origin::File {
+                rules = Some(value.clone());
+                continue;
+            }
             if !KEYS.contains(&key.as_str()) {
                 if origin == Origin::File {
                     raw_problems.push(format!(
@@ -74,6 +84,7 @@ impl<'a> Raw<'a> {
             values,
             file,
             problems: raw_problems,
+            rules,
         }
     }
 
@@ -132,7 +143,11 @@ impl<'a> Raw<'a> {
         self.parse(key, parse)
     }
 
-    pub(super) fn settings(&mut self, config_file: Option<PathBuf>) -> Option<Settings> {
+    pub(super) fn settings(
+        &mut self,
+        config_file: Option<PathBuf>,
+        env: EnvSnapshot,
+    ) -> Option<Settings> {
         let listen = self.required("listen", parse_addr);
         let upstream = self.required("upstream", |s| {
             Upstream::new(s)
@@ -148,24 +163,7 @@ impl<'a> Raw<'a> {
         });
         let max_body = self.parse("max_body", parse_size).flatten();
         let upstream_reuse_after_body = self.required("upstream_reuse_after_body", parse_bool);
-        let rate = self.required("rate", |s| Rate::from_str(s).map_err(|e| e.to_string()));
-        let burst = match self.get("burst") {
-            None => rate.map(|r| r.count()),
-            Some(_) => self.parse("burst", |s| {
-                let burst = s
-                    .parse::<NonZeroU32>()
-                    .map_err(|_| format!("expected a whole number from 1 to {}", u32::MAX))?;
-                // A key may run at most MAX_TOLERANCE ahead of schedule.
-                let most = rate.map(|r| MAX_TOLERANCE.as_micros() / r.emission_interval().as_micros() + 1);
-                match most {
-                    Some(most) if u128::from(burst.get()) > most => Err(format!(
-                        "with this rate a burst may be at most {most} (100 years' worth of requests)"
-                    )),
-                    _ => Ok(burst),
-                }
-            }),
-        };
-        let key = self.required("key", parse_key);
+        let rules = self.policy();
         let trusted_proxies = self
             .parse("trusted_proxies", parse_cidrs)
             .unwrap_or_default();
@@ -260,11 +258,8 @@ impl<'a> Raw<'a> {
                 max_connections: max_connections?,
                 config_file,
             },
-            policy: Policy {
-                rate: rate?,
-                burst: burst?,
-                key: key?,
-            },
+            policy: Policy { rules: rules? },
+            env,
         })
     }
 }
@@ -281,5 +276,105 @@ fn text(value: &Value) -> Option<String> {
             .map(|items| items.join(",")),
         ValueKind::Table(_) => None,
         _ => value.clone().into_string().ok(),
+    }
+}
+
+// === the policy ===
+
+impl Raw<'_> {
+    /// The default rule from the environment, the global lists, and the
+    /// file's rules, checked together.
+    fn policy(&mut self) -> Option<Rules> {
+        let algorithm = self.required("algorithm", |s| {
+            Algorithm::from_str(s.trim()).map_err(|_| format!("expected {ALGORITHM_SYNTAX}"))
+        });
+        let rates = self.required("rate", parse_rates);
+        // `None`: a problem; `Some(None)`: unset, the rate's n.
+        let burst: Option<Option<NonZeroU32>> = match self.get("burst") {
+            None => Some(None),
+            Some(_) => self.parse("burst", |s| {
+                let burst = s
+                    .parse::<NonZeroU32>()
+                    .map_err(|_| format!("expected a whole number from 1 to {}", u32::MAX))?;
+                match (&rates, algorithm) {
+                    (_, Some(a)) if a.is_window() => Err(format!(
+                        "burst belongs to gcra alone; FLOODGATE_ALGORITHM is {a}, which admits the rate's n per window"
+                    )),
+                    (Some(rates), _) if rates.is_empty() => Err(
+                        "FLOODGATE_RATE is none: there is no limit to give a burst".into(),
+                    ),
+                    // A key may run at most MAX_TOLERANCE ahead of schedule.
+                    (Some(rates), _) if u128::from(burst.get()) > most_burst(rates[0]) => {
+                        Err(format!(
+                            "with this rate a burst may be at most {} (100 years' worth of requests)",
+                            most_burst(rates[0])
+                        ))
+                    }
+                    _ => Ok(burst),
+                }
+            })
+            .map(Some),
+        };
+        let key = self.required("key", parse_key);
+        let allow = self.parse("allow", parse_cidrs).unwrap_or_default();
+        let deny = self.parse("deny", parse_cidrs).unwrap_or_default();
+        let shadow = self.required("shadow", parse_bool);
+
+        let mut default = None;
+        if let (Some(rates), Some(algorithm), Some(burst), Some(key)) =
+            (&rates, algorithm, burst, &key)
+        {
+            let several = rates.len() > 1;
+            let mut rule = Rule::new(DEFAULT_RULE).key(key.clone());
+            let mut ok = true;
+            for (i, rate) in rates.iter().enumerate() {
+                let name = if several {
+                    format!("{DEFAULT_RULE}.{}", i + 1)
+                } else {
+                    DEFAULT_RULE.to_owned()
+                };
+                let burst = if i == 0 { burst } else { None };
+                match make_limit(name, *rate, burst, algorithm) {
+                    Ok(limit) => rule = rule.limit(limit),
+                    Err(e) => {
+                        let place = self.describe("rate", self.get("rate").unwrap_or_default());
+                        self.problems.push(format!("{place}: {rate}: {e}"));
+                        ok = false;
+                    }
+                }
+            }
+            if ok {
+                default = Some(rule);
+            }
+        }
+
+        let file_rules = match (&self.rules, &key) {
+            (Some(value), Some(key)) => {
+                let file = self
+                    .file
+                    .map_or("settings".into(), |p| p.display().to_string());
+                let mut problems = Problems {
+                    file: &file,
+                    lines: Vec::new(),
+                };
+                let rules = file_rules(value, &Inherited { key }, &mut problems);
+                let default_for_check = default.clone().unwrap_or_else(|| Rule::new(DEFAULT_RULE));
+                if let Err(errors) = Rules::check(&rules, &default_for_check) {
+                    problems
+                        .lines
+                        .extend(errors.into_iter().map(|e| format!("rules in {file}: {e}")));
+                }
+                self.problems.append(&mut problems.lines);
+                rules
+            }
+            _ => Vec::new(),
+        };
+        let rules = Rules::new(file_rules, default?).ok()?;
+        Some(rules.with_global(Lists {
+            allow,
+            allow_keys: Vec::new(),
+            deny,
+            shadow: shadow?,
+        }))
     }
 }

@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// The default rule's first limit.
+fn first(s: &Settings) -> &Limit {
+    s.policy.default_limit().expect("a default limit")
+}
+
 fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
     Settings::load(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
 }
@@ -11,9 +16,9 @@ fn defaults_are_the_documented_ones() {
     let s = Settings::default();
     assert_eq!(s.listen, "0.0.0.0:8000".parse().unwrap());
     assert_eq!(s.upstream, "http://127.0.0.1:8080");
-    assert_eq!(s.policy.rate, "10/min".parse().unwrap());
-    assert_eq!(s.policy.burst.get(), 10);
-    assert_eq!(s.policy.key, KeyKind::Ip);
+    assert_eq!(first(&s).rate(), "10/min".parse().unwrap());
+    assert_eq!(first(&s).burst().get(), 10);
+    assert_eq!(s.policy.key().to_string(), "ip");
     assert!(s.trusted_proxies.is_empty());
     assert_eq!(s.ipv6_prefix, 64);
     assert_eq!(s.headers, HeaderStyle::Ietf);
@@ -59,12 +64,9 @@ fn environment_overrides() {
         ("UNRELATED", "ignored"),
     ])
     .unwrap();
-    assert_eq!(s.policy.rate, "100/10s".parse().unwrap());
-    assert_eq!(s.policy.burst.get(), 20);
-    assert_eq!(
-        s.policy.key,
-        KeyKind::Header(HeaderName::from_static("x-api-key"))
-    );
+    assert_eq!(first(&s).rate(), "100/10s".parse().unwrap());
+    assert_eq!(first(&s).burst().get(), 20);
+    assert_eq!(s.policy.key().to_string(), "header:x-api-key");
     assert_eq!(s.trusted_proxies.len(), 2);
     assert_eq!(s.upstream, "http://web:80/");
     assert_eq!(s.workers, 3);
@@ -73,7 +75,7 @@ fn environment_overrides() {
 #[test]
 fn burst_defaults_to_the_rate_count_and_empty_means_unset() {
     let s = load(&[("FLOODGATE_RATE", "100/s"), ("FLOODGATE_BURST", "")]).unwrap();
-    assert_eq!(s.policy.burst.get(), 100);
+    assert_eq!(first(&s).burst().get(), 100);
 }
 
 #[test]
@@ -121,16 +123,16 @@ fn files_layer_between_defaults_and_environment() {
         ("FLOODGATE_BURST", "9"),
     ])
     .unwrap();
-    assert_eq!(s.policy.rate, "5/s".parse().unwrap());
-    assert_eq!(s.policy.burst.get(), 9, "environment wins over the file");
+    assert_eq!(first(&s).rate(), "5/s".parse().unwrap());
+    assert_eq!(first(&s).burst().get(), 9, "environment wins over the file");
     assert_eq!(s.trusted_proxies.len(), 2);
     assert_eq!(s.config_file.as_deref(), Some(toml.as_path()));
 
     let yaml = dir.path().join("f.yaml");
     std::fs::write(&yaml, "rate: 3/min\nkey: header:x-api-key\n").unwrap();
     let s = load(&[("FLOODGATE_CONFIG", yaml.to_str().unwrap())]).unwrap();
-    assert_eq!(s.policy.rate, "3/min".parse().unwrap());
-    assert_eq!(s.policy.burst.get(), 3);
+    assert_eq!(first(&s).rate(), "3/min".parse().unwrap());
+    assert_eq!(first(&s).burst().get(), 3);
 }
 
 #[test]

@@ -58,11 +58,13 @@ pub struct ExtractedKey {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeySpecError {
     /// A part is none of the accepted forms.
-    #[error("expected ip, global or header:<name>, several joined by +, e.g. header:x-api-key+ip")]
+    #[error(
+        "expected ip or header:<name>, e.g. header:x-api-key; or global; or several joined by +, e.g. header:x-api-key+ip"
+    )]
     Syntax,
     /// A header floodgate drops or rewrites before the upstream sees it.
     #[error(
-        "{0} is dropped or rewritten by floodgate and cannot be a key; expected ip, global or header:<name>, several joined by +"
+        "{0} is dropped or rewritten by floodgate and cannot be a key; expected ip or header:<name>, e.g. header:x-api-key; or global; or several joined by +"
     )]
     Rewritten(HeaderName),
     /// `global` combined with another part.
