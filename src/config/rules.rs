@@ -68,6 +68,8 @@ pub(super) struct MatchFile {
     path: Option<Lenient<String>>,
     methods: Option<Lenient<Vec<String>>>,
     host: Option<Lenient<String>>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, Value>,
 }
 
 /// One of a rule's `limits = [{ name, rate, burst, algorithm, key }]`.
@@ -390,7 +392,8 @@ fn build_rule(
 
 fn build_match(label: &str, m: MatchFile, p: &mut Problems<'_>) -> Option<Match> {
     let mut out = Match::any();
-    let mut ok = true;
+    let mut ok = m.unknown.is_empty();
+    p.unknown(label, "match.", &m.unknown, MATCH_FIELDS);
     match m.path {
         None => {}
         Some(Lenient::Good(path)) if path.starts_with('/') => out = out.path(&path),

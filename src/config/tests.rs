@@ -1,6 +1,7 @@
 //! Loading settings: defaults, layers, and every problem at once.
 
 use super::*;
+use crate::limiter::Algorithm;
 
 /// The default rule's first limit.
 fn first(s: &Settings) -> &Limit {
@@ -371,4 +372,345 @@ fn the_startup_line_spells_values_as_settings_do() {
         assert!(!line.contains(debug_name), "{debug_name} in {line}");
     }
     assert_eq!(duration_text(Duration::from_micros(500)), "0.5ms");
+}
+
+// === rules and the policy ===
+
+fn with_file(name: &str, text: &str, vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    let mut env: Vec<(String, String)> = vec![(CONFIG_VAR.into(), path.display().to_string())];
+    env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Settings::load(env)
+}
+
+fn examples() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("settings/examples")
+}
+
+fn example(name: &str) -> Settings {
+    let path = examples().join(name);
+    Settings::load([(CONFIG_VAR.to_owned(), path.display().to_string())])
+        .unwrap_or_else(|e| panic!("{name}:\n{e}"))
+}
+
+#[test]
+fn the_worked_example_parses_alike_from_toml_and_yaml() {
+    let toml = example("rules.toml");
+    let yaml = example("rules.yaml");
+    assert_eq!(toml.policy.rules, yaml.policy.rules);
+    let rules = &toml.policy.rules;
+    let names: Vec<&str> = rules.rules().map(|r| &*r.name).collect();
+    assert_eq!(names, ["login", "api"]);
+    let limits: Vec<(&str, &str)> = rules
+        .limits()
+        .map(|(rule, l)| (&*rule.name, l.limit.name()))
+        .collect();
+    assert_eq!(
+        limits,
+        [
+            ("login", "login.1"),
+            ("login", "daily"),
+            ("api", "api.1"),
+            ("api", "api-total"),
+            ("default", "default"),
+        ]
+    );
+    let login = rules.rules().next().unwrap();
+    assert_eq!(login.limits[0].limit.burst().get(), 5);
+    assert_eq!(login.limits[1].limit.algorithm(), Algorithm::FixedWindow);
+    assert_eq!(login.allow, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+    assert_eq!(login.deny, ["203.0.113.0/24".parse::<IpNet>().unwrap()]);
+    let api = rules.rules().nth(1).unwrap();
+    assert_eq!(api.key.to_string(), "header:x-api-key+ip");
+    assert_eq!(api.limits[1].key_spec(api).to_string(), "global");
+    assert_eq!(api.allow_keys, [bytes::Bytes::from_static(b"office-key")]);
+    use actix_web::http::Method;
+    assert_eq!(
+        &*rules.select(&Method::POST, "/%6Cogin", None).name,
+        "login"
+    );
+    assert_eq!(&*rules.select(&Method::GET, "/login", None).name, "default");
+    assert_eq!(
+        &*rules.select(&Method::GET, "/api/x", Some("h:1")).name,
+        "api"
+    );
+    assert!(
+        toml.summary().ends_with(" rules=login,api"),
+        "{}",
+        toml.summary()
+    );
+}
+
+#[test]
+fn rules_without_a_key_take_floodgate_key_and_without_limits_are_unlimited() {
+    let s = with_file(
+        "r.toml",
+        "[[rules]]\nname = \"health\"\nmatch = { path = \"/healthz\" }\n",
+        &[("FLOODGATE_KEY", "header:x-api-key")],
+    )
+    .unwrap();
+    let health = s.policy.rules.rules().next().unwrap();
+    assert_eq!(health.key.to_string(), "header:x-api-key");
+    assert!(health.limits.is_empty());
+}
+
+#[test]
+fn every_rule_problem_is_reported_at_once_naming_rule_field_and_value() {
+    let text = r#"
+[[rules]]
+name = "login"
+match = { path = "login", methods = ["POST", "GE T"], host = "*.exa mple.com", hots = "x" }
+key = "cookie:sid"
+limits = [
+  { rate = "5/min", brust = 5 },
+  { rate = "5/mn" },
+  { rate = "1/s", algorithm = "leaky" },
+  { rate = "1/s", algorithm = "fixed_window", burst = 3 },
+  { rate = "1/s", burst = 0 },
+]
+allow = ["10.0.0.0/33"]
+deny = ["nowhere"]
+shadow = "yes"
+colour = "red"
+
+[[rules]]
+name = "Bad Name"
+
+[[rules]]
+name = "default"
+
+[[rules]]
+name = "api"
+
+[[rules]]
+name = "api"
+
+[[rules]]
+match = { path = "/x" }
+"#;
+    let err = with_file("bad.toml", text, &[]).unwrap_err();
+    let has = |needle: &str| {
+        assert!(
+            err.problems.iter().any(|l| l.contains(needle)),
+            "no {needle:?} in\n{err}"
+        )
+    };
+    has("rule \"login\" in ");
+    has("match.path = \"login\": expected a path starting with /");
+    has("match.methods = \"GE T\": expected an HTTP method");
+    has("match.host = \"*.exa mple.com\": expected a host name");
+    has("\"hots\": unknown field; did you mean host?");
+    has("key = \"cookie:sid\": expected ip or header:<name>");
+    has("limits[0].\"brust\": unknown field; did you mean burst?");
+    has("limits[1].rate = \"5/mn\": unknown period unit \"mn\"");
+    has(
+        "limits[2].algorithm = \"leaky\": unknown algorithm \"leaky\"; expected gcra, sliding_window or fixed_window",
+    );
+    has("limits[3].burst = 3: burst belongs to gcra alone");
+    has("limits[4].burst = 0: expected a whole number");
+    has("allow = \"10.0.0.0/33\": expected a CIDR");
+    has("deny = \"nowhere\": expected a CIDR");
+    has("shadow = \"yes\": expected true or false");
+    has("\"colour\": unknown field; known fields: name, match");
+    has("rules[1] in ");
+    has("name = \"Bad Name\": expected lower-case letters, digits, _ and - only");
+    has("rule name \"default\" is reserved");
+    has("rule name \"api\" is used twice");
+    has("rules[5] in ");
+    has("name: missing; every rule needs a unique name");
+    assert_eq!(err.problems.len(), 18, "{err}");
+    for line in &err.problems {
+        assert!(line.contains("bad.toml"), "names the file: {line}");
+    }
+}
+
+#[test]
+fn yaml_rule_problems_read_the_same() {
+    let err = with_file(
+        "bad.yaml",
+        "rules:\n  - name: login\n    limits:\n      - rate: 5/min\n        brust: 5\n",
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(
+        err.problems[0].contains("rule \"login\" in ")
+            && err.problems[0].contains("limits[0].\"brust\": unknown field; did you mean burst?"),
+        "{err}"
+    );
+    let err = with_file("bad.toml", "rules = \"login\"\n", &[]).unwrap_err();
+    assert!(
+        err.to_string().contains("expected a list of rules"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rules_are_only_read_from_a_file() {
+    let err = load(&[("FLOODGATE_RULES", "x")]).unwrap_err();
+    assert!(
+        err.to_string().contains("FLOODGATE_RULES: unknown setting"),
+        "{err}"
+    );
+}
+
+#[test]
+fn floodgate_rate_takes_a_list_and_burst_applies_to_the_first() {
+    let s = load(&[
+        ("FLOODGATE_RATE", "10/s, 1000/day"),
+        ("FLOODGATE_BURST", "20"),
+    ])
+    .unwrap();
+    let limits = &s.policy.rules.default_rule().limits;
+    let shown: Vec<(&str, String, u32)> = limits
+        .iter()
+        .map(|l| {
+            (
+                l.limit.name(),
+                l.limit.rate().to_string(),
+                l.limit.burst().get(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("default.1", "10/s".to_owned(), 20),
+            ("default.2", "1000/d".to_owned(), 1000)
+        ]
+    );
+    assert!(
+        s.summary().contains("rate=10/s,1000/d burst=20 "),
+        "{}",
+        s.summary()
+    );
+    let err = load(&[("FLOODGATE_RATE", "10/s,1000/dy")]).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("FLOODGATE_RATE=\"10/s,1000/dy\": \"1000/dy\": unknown period unit"),
+        "{err}"
+    );
+}
+
+#[test]
+fn floodgate_rate_none_means_unmatched_requests_are_not_limited() {
+    let s = load(&[("FLOODGATE_RATE", "none")]).unwrap();
+    assert!(s.policy.rules.default_rule().limits.is_empty());
+    assert!(
+        s.summary().contains("rate=none burst=none "),
+        "{}",
+        s.summary()
+    );
+    let err = load(&[("FLOODGATE_RATE", "none"), ("FLOODGATE_BURST", "5")]).unwrap_err();
+    assert!(
+        err.to_string().contains("no limit to give a burst"),
+        "{err}"
+    );
+}
+
+#[test]
+fn floodgate_algorithm_sets_the_default_rules_algorithm() {
+    let s = load(&[
+        ("FLOODGATE_ALGORITHM", "Sliding_Window"),
+        ("FLOODGATE_RATE", "5/s,50/min"),
+    ])
+    .unwrap();
+    for l in &s.policy.rules.default_rule().limits {
+        assert_eq!(l.limit.algorithm(), Algorithm::SlidingWindow);
+    }
+    assert!(
+        s.summary().contains(" algorithm=sliding_window"),
+        "{}",
+        s.summary()
+    );
+    let err = load(&[("FLOODGATE_ALGORITHM", "leaky"), ("FLOODGATE_BURST", "3")]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "FLOODGATE_ALGORITHM=\"leaky\": expected gcra, sliding_window or fixed_window"
+    );
+    let err = load(&[
+        ("FLOODGATE_ALGORITHM", "fixed_window"),
+        ("FLOODGATE_BURST", "3"),
+    ])
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("FLOODGATE_BURST=\"3\": burst belongs to gcra alone"),
+        "{err}"
+    );
+}
+
+#[test]
+fn global_lists_come_from_the_environment() {
+    let s = load(&[
+        ("FLOODGATE_ALLOW", "10.0.0.0/8, 192.168.1.1"),
+        ("FLOODGATE_DENY", "203.0.113.0/24"),
+        ("FLOODGATE_SHADOW", "TRUE"),
+        ("FLOODGATE_KEY", "header:x-api-key+ip"),
+    ])
+    .unwrap();
+    let global = s.policy.rules.global();
+    assert_eq!(global.allow.len(), 2);
+    assert_eq!(global.deny, ["203.0.113.0/24".parse::<IpNet>().unwrap()]);
+    assert!(global.shadow);
+    assert_eq!(s.policy.key().to_string(), "header:x-api-key+ip");
+    let err = load(&[("FLOODGATE_DENY", "nowhere"), ("FLOODGATE_SHADOW", "maybe")]).unwrap_err();
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert!(
+        err.problems[0].starts_with("FLOODGATE_DENY=\"nowhere\": \"nowhere\" is not a CIDR"),
+        "{err}"
+    );
+    assert_eq!(
+        err.problems[1],
+        "FLOODGATE_SHADOW=\"maybe\": expected true or false"
+    );
+    let s = load(&[("FLOODGATE_DENY", "203.0.113.0/24")]).unwrap();
+    assert!(
+        s.summary().ends_with(" deny=203.0.113.0/24"),
+        "{}",
+        s.summary()
+    );
+}
+
+#[test]
+fn reload_rereads_the_file_not_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.toml");
+    std::fs::write(
+        &path,
+        "[[rules]]\nname = \"a\"\nlimits = [{ rate = \"1/s\" }]\n",
+    )
+    .unwrap();
+    let s = load(&[
+        (CONFIG_VAR, path.to_str().unwrap()),
+        ("FLOODGATE_RATE", "7/min"),
+    ])
+    .unwrap();
+    assert!(
+        !format!("{:?}", s.env).contains("7/min"),
+        "values stay out of Debug"
+    );
+    std::fs::write(
+        &path,
+        "[[rules]]\nname = \"b\"\nlimits = [{ rate = \"2/s\" }]\n",
+    )
+    .unwrap();
+    let rules = s.reload().unwrap();
+    let names: Vec<&str> = rules.rules().map(|r| &*r.name).collect();
+    assert_eq!(names, ["b"]);
+    assert_eq!(
+        rules.default_rule().limits[0].limit.rate(),
+        "7/min".parse().unwrap(),
+        "the environment as it was at startup"
+    );
+    std::fs::write(
+        &path,
+        "[[rules]]\nname = \"b\"\nlimits = [{ rate = \"2/s\", brust = 1 }]\n",
+    )
+    .unwrap();
+    let err = reload(&s.env).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(err.problems[0].contains("did you mean burst?"), "{err}");
 }
