@@ -194,7 +194,7 @@ pub struct Static {
     pub listen: SocketAddr,
     /// `FLOODGATE_UPSTREAM`, default `http://127.0.0.1:8080`: the web server
     /// floodgate forwards to, `http://host[:port]` with no path (checked by
-    /// [`Upstream::new`]).
+    /// [`Upstream::new`](crate::proxy::Upstream::new)).
     pub upstream: String,
     /// `FLOODGATE_UPSTREAM_TIMEOUT`, default 30 s: how long the upstream may
     /// take to answer once it has the request, and the longest pause while

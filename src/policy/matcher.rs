@@ -120,7 +120,8 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 /// A request host to match, compared case-insensitively and without the
 /// port: `example.com` exactly, or `*.example.com`, which fits every
 /// subdomain (`a.example.com`, `a.b.example.com`) and not `example.com`
-/// itself. A trailing dot on the request's host (`example.com.`) is ignored.
+/// itself. An IP address (`192.0.2.1`, `[::1]` or `::1`) is an exact host.
+/// A trailing dot on the request's host (`example.com.`) is ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostPattern {
     /// This host, in lower case.
@@ -139,6 +140,10 @@ impl std::str::FromStr for HostPattern {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.trim().to_ascii_lowercase();
+        let literal = lower.strip_prefix('[').and_then(|l| l.strip_suffix(']'));
+        if let Ok(addr) = literal.unwrap_or(&lower).parse::<std::net::IpAddr>() {
+            return Ok(HostPattern::Exact(addr.to_string()));
+        }
         let (wild, name) = match lower.strip_prefix("*.") {
             Some(name) => (true, name),
             None => (false, lower.as_str()),
@@ -413,10 +418,16 @@ mod tests {
         assert!(!wild.fits("example.com"));
         assert!(!wild.fits("badexample.com"));
         assert!(!wild.fits(".example.com"), "an empty label is no subdomain");
-        let v6: HostPattern = "::1"
-            .parse::<HostPattern>()
-            .map_or_else(|_| HostPattern::Exact("::1".into()), |p| p);
+        let v6: HostPattern = "[::1]".parse().unwrap();
         assert!(v6.fits("[::1]:8080"));
+        assert!(v6.fits("[::1]"));
+        assert_eq!(v6, "::1".parse().unwrap());
+        assert!(
+            "192.0.2.1"
+                .parse::<HostPattern>()
+                .unwrap()
+                .fits("192.0.2.1:80")
+        );
         let m = Match::any().host(wild.clone());
         assert!(!m.fits(&Method::GET, "/", None), "no host fits no pattern");
         assert_eq!(wild.to_string(), "*.example.com");
