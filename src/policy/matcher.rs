@@ -9,7 +9,8 @@
 //!
 //! * percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) are
 //!   decoded (`/%6Cogin` is `/login`); other escapes stay, with their hex
-//!   digits in upper case (`%3a` is `%3A`); `%25` is never decoded further;
+//!   digits in upper case (`%3a` is `%3A`); `%25` is never decoded further,
+//!   and a `%` that starts no escape is taken as a literal `%25`;
 //! * an encoded slash (`%2F`, `%2f`), an encoded backslash (`%5C`) and a
 //!   bare backslash count as `/`: some upstreams decode them into path
 //!   separators, and a rule on `/admin` must not be dodged by
@@ -240,6 +241,11 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
                 i += 3;
                 continue;
             }
+            // A '%' that starts no escape is a literal percent sign: written
+            // as its escape, so that it cannot combine with what a decoded
+            // character leaves behind into a new escape ("%3%30" is not
+            // "%30" on a second look).
+            b'%' => decoded.extend_from_slice(b"%25"),
             b => decoded.push(b),
         }
         i += 1;
@@ -361,8 +367,9 @@ mod tests {
     fn other_escapes_stay_with_upper_case_hex() {
         assert_eq!(n("/a%3ab"), "/a%3Ab");
         assert_eq!(n("/a%252Fb"), "/a%252Fb", "no double decoding");
-        assert_eq!(n("/a%zz"), "/a%zz");
-        assert_eq!(n("/a%2"), "/a%2");
+        assert_eq!(n("/a%zz"), "/a%25zz", "a lone % is a literal percent");
+        assert_eq!(n("/a%2"), "/a%252");
+        assert_eq!(n("/%3%30"), "/%2530", "stable under a second pass");
         assert_eq!(n("/caf\u{e9}/%41"), "/caf\u{e9}/A");
     }
 

@@ -27,7 +27,7 @@
 //! ```
 
 mod keyspec;
-mod matcher;
+pub(crate) mod matcher;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -436,3 +436,6 @@ impl fmt::Display for Access {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;
