@@ -294,10 +294,10 @@ pub enum RulesError {
     /// A rule with the default rule's name.
     #[error("rule name {0:?} is reserved for the rule unmatched requests get")]
     ReservedName(String),
-    /// Two limits with one name.
-    // TODO: limit state is identified by name and algorithm today; once
-    // limits carry their rule and key in their identity (`Limit::scoped`),
-    // names only need to be unique within a rule.
+    /// Two limits with one name. Limit state is known by its limit's name
+    /// and algorithm ([`LimitId`](crate::limiter::LimitId)), the same in
+    /// every replica and across a reload, so a name means one limit in the
+    /// whole rule set (and in `RateLimit-Policy`, and in metrics).
     #[error(
         "limit name {limit:?} is used by rule {first:?} and rule {second:?}; limit names are unique across rules"
     )]
