@@ -436,6 +436,55 @@ fn a_burst_spread_over_three_replicas_is_exact_on_a_busy_machine() {
     assert_eq!(admitted, vec![BURST as usize; 20], "admitted per round");
 }
 
+/// Each algorithm through the binary's settings: N concurrent requests for
+/// one key spread over three replicas sharing one Redis admit exactly N.
+#[test]
+fn each_algorithm_admits_exactly_its_n_over_three_replicas() {
+    let redis = RedisServer::start();
+    let up = upstream().run();
+    for (algorithm, burst) in [
+        ("gcra", Some(20)),
+        ("fixed_window", None),
+        ("sliding_window", None),
+    ] {
+        let replicas: Vec<Proxy> = (0..3)
+            .map(|_| {
+                let p = redis_proxy(up.addr(), &redis.url())
+                    .rate("20/h")
+                    .env("FLOODGATE_ALGORITHM", algorithm);
+                match burst {
+                    Some(b) => p.burst(b),
+                    None => p,
+                }
+                .run()
+            })
+            .collect();
+        for r in &replicas {
+            wait_ready(r.admin, || redis.log());
+        }
+        let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.addr).collect();
+        for round in 0..3 {
+            let statuses = stampede(&addrs, 20, &format!("{algorithm}-{round}"));
+            assert_eq!(
+                (count(&statuses, 200), count(&statuses, 429)),
+                (20, 40),
+                "{algorithm}, round {round}: (allowed, limited) of 60"
+            );
+        }
+        // Counted by that algorithm: one key of its shape per round's client.
+        let marker = match algorithm {
+            "fixed_window" => "}.fw:default",
+            "sliding_window" => "}.sw:default",
+            _ => "}:default",
+        };
+        let keys = scan(&redis);
+        assert!(
+            keys.iter().filter(|k| k.ends_with(marker)).count() >= 3,
+            "{algorithm}: expected three {marker} keys in {keys:?}"
+        );
+    }
+}
+
 #[test]
 fn every_key_has_a_ttl() {
     let redis = RedisServer::start();
