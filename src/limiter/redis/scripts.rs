@@ -135,8 +135,8 @@ end
 ///
 /// Redis runs this for every request, so it is lean: each distinct key is
 /// read once and written once per batch (a client sending many requests at
-/// once costs one GET and one SET), one string value per key, no library
-/// calls beyond `string.format` per written key.
+/// once costs one GET and one SET), one string value per key, formatted
+/// only when written.
 pub const DECIDE_SCRIPT: &str = concat!(
     prelude!(),
     r#"
