@@ -271,6 +271,9 @@ impl RedisBackend {
     /// The decision for one request (see [`Backend::check_all`]).
     async fn decide(&self, checks: &[Check<'_>]) -> Result<Decisions, BackendError> {
         let inner = &self.inner;
+        if checks.is_empty() {
+            return Ok(Decisions::new());
+        }
         if let Some(decisions) = inner.blocked_answer(checks) {
             return Ok(decisions);
         }

@@ -135,8 +135,8 @@ end
 ///
 /// Redis runs this for every request, so it is lean: each distinct key is
 /// read once and written once per batch (a client sending many requests at
-/// once costs one GET and one SET), one string value per key, no library
-/// calls beyond `string.format` per written key.
+/// once costs one GET and one SET), one string value per key, formatted
+/// only when written.
 pub const DECIDE_SCRIPT: &str = concat!(
     prelude!(),
     r#"
@@ -248,7 +248,9 @@ for i = 1, #KEYS do
   if s then
     if code == 0 then
       local back = s[1] - p
-      if back > t0 then write(key, 0, {back, 0, 0}) else redis.call('DEL', key) end
+      -- Back to a fresh key's state: expire it at once (GET and SET are
+      -- all the commands the scripts need an ACL to allow).
+      if back > t0 then write(key, 0, {back, 0, 0}) else redis.call('SET', key, '0', 'PX', 1) end
     elseif s[1] == e and s[2] > 0 then
       s[2] = s[2] - 1
       write(key, code, s)
