@@ -390,6 +390,11 @@ impl Backend for RedisBackend {
     }
 
     fn start(&self) {
+        // Each worker opens its own connection now, not on its first
+        // decision (which would wait for it, or take the shared one).
+        if actix_web::rt::System::try_current().is_some() {
+            batch::warm(&self.inner);
+        }
         if !self.inner.started.swap(true, Ordering::AcqRel) {
             match io::Io::start() {
                 Ok(io) => {
@@ -899,7 +904,21 @@ impl Inner {
         }
     }
 
+    /// A new connection, with the decision script already loaded: a fresh
+    /// Redis (or one restarted) would otherwise answer the first decision
+    /// `NOSCRIPT`, and loading the script then costs that decision two more
+    /// round trips, enough to miss `redis_timeout` on a busy machine and be
+    /// decided by the failure policy instead.
     async fn connect(&self) -> Result<Conn, RedisError> {
+        let mut conn = self.open_connection().await?;
+        // Best effort: `eval` still loads it after a `NOSCRIPT`.
+        if let Err(err) = self.script.load_async(&mut conn).await {
+            log::debug!("loading the decision script on connect: {err}");
+        }
+        Ok(conn)
+    }
+
+    async fn open_connection(&self) -> Result<Conn, RedisError> {
         match &self.target {
             RedisTarget::Single(url) => {
                 let info = url
@@ -1348,6 +1367,11 @@ mod batch {
 
     /// This worker's connection for `inner`; while it is being opened (in
     /// the background, on this worker), `None`.
+    /// Starts opening this worker's connection, if it has none.
+    pub fn warm(inner: &Arc<Inner>) {
+        let _ = worker_connection(inner);
+    }
+
     fn worker_connection(inner: &Arc<Inner>) -> Option<Conn> {
         let backend = Arc::as_ptr(inner) as usize;
         let generation = inner.generation.load(Ordering::Acquire);
