@@ -199,17 +199,6 @@ impl Limit {
             .map_or(MAX_TOLERANCE, |tau| tau.min(MAX_TOLERANCE))
     }
 
-    /// Time until a key with `remaining` cells left is back to a full burst.
-    ///
-    /// Exact GCRA state would give `tat - now`, which lies in
-    /// `((burst - remaining - 1) * T, (burst - remaining) * T]`; backends report
-    /// the upper end so that memory and Redis answer alike.
-    // The backends report through `Counter` now; kept for callers in the crate.
-    #[allow(dead_code)]
-    pub(crate) fn reset_after(&self, remaining: u32) -> Duration {
-        self.emission_interval() * self.burst.get().saturating_sub(remaining)
-    }
-
     /// The policy as `RateLimit-Policy` and logs spell it:
     /// `10/min burst 10 gcra`.
     pub fn describe(&self) -> String {
@@ -574,8 +563,11 @@ mod tests {
         let l = limit("10/min", 10);
         assert_eq!(l.emission_interval(), Duration::from_secs(6));
         assert_eq!(l.tolerance(), Duration::from_secs(54));
-        assert_eq!(l.reset_after(9), Duration::from_secs(6));
-        assert_eq!(l.reset_after(0), Duration::from_secs(60));
+        let Counter::Gcra(gcra) = l.counter() else {
+            panic!("a gcra limit")
+        };
+        assert_eq!(gcra.reset_after(9), Duration::from_secs(6));
+        assert_eq!(gcra.reset_after(0), Duration::from_secs(60));
     }
 
     fn fingerprints() -> Fingerprinter {
