@@ -144,6 +144,26 @@ fn several_limits(c: &mut Criterion) {
             })
         },
     );
+    // One hot key: the cost of the arithmetic and locking, not of memory.
+    let one = RateKey::ip("192.0.2.1".parse().unwrap());
+    group.bench_function(BenchmarkId::new("MemoryBackend", "1 limit, one key"), |b| {
+        b.iter(|| {
+            let checks = [Check {
+                limit: &gcra,
+                key: &one,
+            }];
+            black_box(memory.decide_all(&checks))
+        })
+    });
+    group.bench_function(
+        BenchmarkId::new("MemoryBackend", "3 limits, one key"),
+        |b| {
+            b.iter(|| {
+                let checks = [&gcra, &fixed, &sliding].map(|limit| Check { limit, key: &one });
+                black_box(memory.decide_all(&checks))
+            })
+        },
+    );
     group.finish();
 }
 

@@ -321,8 +321,14 @@ impl SlidingWindow {
     fn weighted(&self, prev: u64, now: u64, w: u64) -> u64 {
         let wms = self.window_ms();
         let elapsed = ((now - w * self.window) / 1000).min(wms);
-        let product = u128::from(prev) * u128::from(wms - elapsed);
-        u64::try_from(product / u128::from(wms)).unwrap_or(u64::MAX)
+        match prev.checked_mul(wms - elapsed) {
+            // The common case, without a 128-bit division.
+            Some(product) => product / wms,
+            None => {
+                let product = u128::from(prev) * u128::from(wms - elapsed);
+                u64::try_from(product / u128::from(wms)).unwrap_or(u64::MAX)
+            }
+        }
     }
 
     /// Time from `now` until the estimate leaves room for one more request.

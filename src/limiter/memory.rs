@@ -70,7 +70,7 @@ fn stripe_count() -> usize {
 pub struct MemoryBackend<C: Clock = DefaultClock> {
     /// Read on every decision without a lock or a shared write (arc-swap);
     /// copied on the rare insert of a new limit's table.
-    tables: ArcSwap<HashMap<LimitId, Arc<Table>>>,
+    tables: ArcSwap<Registry>,
     seed: RandomState,
     len: AtomicUsize,
     max_keys: usize,
@@ -151,7 +151,7 @@ impl<C: Clock> MemoryBackend<C> {
     /// Makes sure `limit` has a table (tables are never removed).
     fn add_table(&self, limit: &Limit) {
         self.tables.rcu(|tables| {
-            let mut tables = HashMap::clone(tables);
+            let mut tables = Registry::clone(tables);
             tables
                 .entry(limit.id())
                 .or_insert_with(|| Arc::new(Table::new(limit.algorithm())));
@@ -414,6 +414,9 @@ where
 // === Table ===
 
 type Map<V> = HashMap<u64, V, BuildHasherDefault<DigestHasher>>;
+
+/// Tables by limit; a [`LimitId`] is already a hash.
+type Registry = HashMap<LimitId, Arc<Table>, BuildHasherDefault<DigestHasher>>;
 
 /// One limit's keys: GCRA keeps only a TAT per key, the windows a
 /// [`State`].
