@@ -77,8 +77,10 @@ pub mod metrics;
 pub mod middleware;
 pub mod outage;
 pub mod proxy;
+pub mod respond;
 pub mod server;
 pub mod settings;
+pub mod verdict;
 
 /// The README's Rust examples run as doctests, so it cannot show code that
 /// does not compile.

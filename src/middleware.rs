@@ -2,27 +2,29 @@
 //!
 //! A request whose key cannot be derived is answered `400`; one the backend
 //! cannot decide goes on or is answered `503`, as its [`FailurePolicy`] says.
-//! One [`Transform`] serves every case; the only code that writes rate-limit
-//! headers is [`LimitHeaders::apply`], for allowed and limited responses alike.
+//! One [`Transform`] serves every case. Every request gets a
+//! [`Verdict`] in its extensions; the only code that writes rate-limit
+//! headers is [`LimitHeaders::apply`], reading that verdict, for allowed and
+//! limited responses alike, and every answer the gate makes itself comes
+//! from [`respond`].
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
-use actix_web::body::{BoxBody, EitherBody, MessageBody};
+use actix_web::Error;
+use actix_web::HttpMessage;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
-use actix_web::http::header::{self, HeaderMap, HeaderValue};
-use actix_web::http::{ConnectionType, StatusCode};
-use actix_web::{Error, HttpResponse, ResponseError};
 use futures_util::future::{LocalBoxFuture, Ready, ready};
 
-use crate::error::ProxyError;
-use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
+use crate::headers::{HeaderStyle, LimitHeaders, Recent};
 use crate::key::{ClientIp, KeyExtractor};
-use crate::limiter::{Backend, Check, Decision, Health, Limit, RateKey};
+use crate::limiter::{Backend, Check, Health, Limit, RateKey};
 use crate::metrics::Metrics;
 use crate::outage::OutageLog;
+use crate::respond;
+use crate::verdict::{DecidedBy, Outcome, Verdict};
 
 /// What to do when the backend cannot decide (Redis down or slow).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,11 +36,7 @@ pub enum FailurePolicy {
     Closed,
 }
 
-/// The plain-text body of every `429`.
-const TOO_MANY_REQUESTS_TEXT: &str = "Too Many Requests\n";
-
-/// `Retry-After` sent with a `503` under [`FailurePolicy::Closed`].
-pub const CLOSED_RETRY_AFTER: Duration = Duration::from_secs(1);
+pub use crate::respond::CLOSED_RETRY_AFTER;
 
 /// Rate-limits every request that passes through the wrapped service.
 ///
@@ -62,6 +60,7 @@ pub const CLOSED_RETRY_AFTER: Duration = Duration::from_secs(1);
 pub struct RateLimit {
     backend: Arc<dyn Backend>,
     limit: Limit,
+    rule_name: Arc<str>,
     headers: LimitHeaders,
     extractor: Arc<dyn KeyExtractor>,
     on_backend_error: FailurePolicy,
@@ -75,7 +74,8 @@ impl RateLimit {
     /// open if the backend errs.
     pub fn new(backend: Arc<dyn Backend>, limit: Limit) -> Self {
         RateLimit {
-            headers: LimitHeaders::new(HeaderStyle::Ietf, &limit),
+            headers: LimitHeaders::new(HeaderStyle::Ietf, std::slice::from_ref(&limit)),
+            rule_name: Arc::from("default"),
             outage: Arc::new(OutageLog::new(format!(
                 "rate limiter ({} backend)",
                 backend.kind()
@@ -96,7 +96,7 @@ impl RateLimit {
 
     /// Which rate-limit headers responses carry.
     pub fn headers(mut self, style: HeaderStyle) -> Self {
-        self.headers = LimitHeaders::new(style, &self.limit);
+        self.headers = LimitHeaders::new(style, std::slice::from_ref(&self.limit));
         self
     }
 
@@ -119,63 +119,6 @@ impl RateLimit {
     pub fn limit(&self) -> &Limit {
         &self.limit
     }
-
-    /// The `429` answer for `decision`.
-    /// The body says what happened; `Retry-After` says when to come back,
-    /// so the plain-text body is the same every time (no allocation on the
-    /// path a flood of refused requests takes).
-    fn too_many_requests(
-        &self,
-        req: &ServiceRequest,
-        decision: &Decision,
-        recent: &mut Recent,
-    ) -> HttpResponse {
-        let mut res = HttpResponse::new(StatusCode::TOO_MANY_REQUESTS);
-        let body = if wants_problem_json(req) {
-            let retry = match decision {
-                Decision::Limited { retry_after, .. } => retry_after_secs(*retry_after),
-                Decision::Allowed { .. } => 1,
-            };
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/problem+json"),
-            );
-            BoxBody::new(format!(
-                "{{\"type\":\"about:blank\",\"title\":\"Too Many Requests\",\"status\":429,\
-                 \"detail\":\"Rate limit exceeded; retry in {retry} s.\"}}\n"
-            ))
-        } else {
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            BoxBody::new(TOO_MANY_REQUESTS_TEXT)
-        };
-        self.headers.apply(decision, res.headers_mut(), recent);
-        res.set_body(body)
-    }
-}
-
-/// Whether the client prefers RFC 9457 problem details: its `Accept` names
-/// `application/problem+json` or `application/json` with a non-zero weight.
-fn wants_problem_json(req: &ServiceRequest) -> bool {
-    req.headers().get_all(header::ACCEPT).any(|value| {
-        value.to_str().is_ok_and(|accept| {
-            accept.split(',').any(|range| {
-                let mut parts = range.split(';');
-                let media = parts.next().unwrap_or("").trim();
-                let json = media.eq_ignore_ascii_case("application/problem+json")
-                    || media.eq_ignore_ascii_case("application/json");
-                let refused = parts.any(|p| {
-                    p.trim()
-                        .strip_prefix("q=")
-                        .and_then(|q| q.trim().parse::<f32>().ok())
-                        .is_some_and(|q| q <= 0.0)
-                });
-                json && !refused
-            })
-        })
-    })
 }
 
 impl<S, B> Transform<S, ServiceRequest> for RateLimit
@@ -233,12 +176,14 @@ where
         let service = self.service.clone();
         Box::pin(async move {
             let config = &worker.config;
+            let mut verdict = Verdict::new(config.rule_name.clone(), false);
             let key = match config.extractor.extract(&req) {
                 Ok(key) => key,
                 Err(err) => {
                     config.metrics.rejected.inc();
-                    let res = ProxyError::from(err).error_response();
-                    return Ok(refuse(req, res));
+                    verdict.outcome = Outcome::BadKey;
+                    req.extensions_mut().insert(verdict);
+                    return Ok(respond::refuse(req, respond::bad_key(err)));
                 }
             };
             let checks = [Check {
@@ -248,33 +193,53 @@ where
             let checked = match config.backend.try_check_all(&checks) {
                 Some(checked) => checked,
                 None => config.backend.check_all(&checks).await,
-            }
-            .map(|decisions| decisions[0]);
-            let decision = match checked {
-                Ok(decision) => {
-                    // A decision from a backend that reports itself healthy
-                    // (not one a cache made while it is down) ends an outage.
-                    if config.outage.is_active() && config.backend.health() == Health::Up {
-                        config.outage.recovered();
-                    }
-                    decision
-                }
-                Err(err) => return on_backend_error(config, req, &key, err, &service).await,
             };
-            if let Decision::Limited { retry_after, .. } = decision {
+            let decisions = match checked {
+                Ok(decisions) => decisions,
+                Err(err) => {
+                    verdict.key = Some(key);
+                    return on_backend_error(config, req, verdict, err, &service).await;
+                }
+            };
+            // A decision from a backend that reports itself healthy (not one
+            // a cache or the local fallback made while it is down) ends an
+            // outage.
+            let by = if config.backend.health() == Health::Up {
+                if config.outage.is_active() {
+                    config.outage.recovered();
+                }
+                DecidedBy::Backend
+            } else {
+                DecidedBy::Local
+            };
+            verdict.decided([&config.limit], &decisions, by);
+            verdict.key = Some(key);
+            if verdict.outcome == Outcome::Limited {
                 config.metrics.limited.inc();
-                log::debug!("limited key={key} retry_after={retry_after:?}");
-                let res =
-                    config.too_many_requests(&req, &decision, &mut worker.recent.borrow_mut());
-                return Ok(refuse(req, res));
+                log::debug!(
+                    "limited rule={} key={} retry_after={:?}",
+                    verdict.rule,
+                    verdict.key.as_ref().expect("set above"),
+                    verdict.retry_after()
+                );
+                let res = respond::too_many_requests(
+                    &req,
+                    &verdict,
+                    &config.headers,
+                    &mut worker.recent.borrow_mut(),
+                );
+                req.extensions_mut().insert(verdict);
+                return Ok(respond::refuse(req, res));
             }
             config.metrics.allowed.inc();
+            req.extensions_mut().insert(verdict);
             let mut res = service.call(req).await?;
-            config.headers.apply(
-                &decision,
-                res.headers_mut(),
-                &mut worker.recent.borrow_mut(),
-            );
+            let (req, res_headers) = (res.request().clone(), res.headers_mut());
+            if let Some(verdict) = req.extensions().get::<Verdict>() {
+                config
+                    .headers
+                    .apply(verdict, res_headers, &mut worker.recent.borrow_mut());
+            }
             Ok(res.map_into_left_body())
         })
     }
@@ -283,7 +248,7 @@ where
 async fn on_backend_error<S, B>(
     config: &RateLimit,
     req: ServiceRequest,
-    key: &RateKey,
+    mut verdict: Verdict,
     err: crate::limiter::BackendError,
     service: &S,
 ) -> Result<ServiceResponse<EitherBody<B>>, Error>
@@ -292,6 +257,8 @@ where
     B: MessageBody,
 {
     config.metrics.backend_errors.inc();
+    verdict.outcome = Outcome::Undecided;
+    let key = verdict.key.clone().unwrap_or_else(RateKey::global);
     match config.on_backend_error {
         FailurePolicy::Open => {
             config.outage.record("let through unlimited", &err);
@@ -299,6 +266,8 @@ where
                 "{} backend failed, letting key={key} through: {err}",
                 config.backend.kind()
             );
+            verdict.decided_by = DecidedBy::FailOpen;
+            req.extensions_mut().insert(verdict);
             Ok(service.call(req).await?.map_into_left_body())
         }
         FailurePolicy::Closed => {
@@ -307,40 +276,19 @@ where
                 "{} backend failed, refusing key={key}: {err}",
                 config.backend.kind()
             );
-            let res = ProxyError::LimiterUnavailable {
-                retry_after: CLOSED_RETRY_AFTER,
-            }
-            .error_response();
-            Ok(refuse(req, res))
+            verdict.decided_by = DecidedBy::FailClosed;
+            req.extensions_mut().insert(verdict);
+            Ok(respond::refuse(req, respond::limiter_unavailable()))
         }
     }
-}
-
-/// The answer to a refused request. Nobody reads a refused request's body, so
-/// when one was announced the connection closes once the answer is written:
-/// a body that trickles or never ends cannot hold the connection, and no
-/// unread body is left where the next request should start.
-fn refuse<B>(req: ServiceRequest, mut res: HttpResponse) -> ServiceResponse<EitherBody<B>> {
-    if announces_body(req.headers()) {
-        res.head_mut().set_connection_type(ConnectionType::Close);
-    }
-    req.into_response(res).map_into_right_body()
-}
-
-/// Whether a request comes with a body: chunked (or any transfer coding), or
-/// a `Content-Length` other than 0.
-fn announces_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|len| len.as_bytes() != b"0")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::limiter::MemoryBackend;
-    use actix_web::{App, test as at, web};
+    use actix_web::http::ConnectionType;
+    use actix_web::{App, HttpResponse, test as at, web};
     use std::num::NonZeroU32;
 
     fn limit(burst: u32) -> Limit {
@@ -452,20 +400,5 @@ mod tests {
                 "{headers:?}: {connection:?}"
             );
         }
-    }
-
-    #[test]
-    fn accept_negotiation() {
-        let with = |accept: &str| {
-            let req = at::TestRequest::default()
-                .insert_header(("accept", accept))
-                .to_srv_request();
-            wants_problem_json(&req)
-        };
-        assert!(with("application/json"));
-        assert!(with("text/plain, Application/Problem+JSON;q=0.5"));
-        assert!(!with("application/json;q=0"));
-        assert!(!with("text/html, */*"));
-        assert!(!with("application/jsonx"));
     }
 }
