@@ -249,42 +249,51 @@ impl HeaderKey {
 
 impl KeyExtractor for HeaderKey {
     fn extract(&self, req: &ServiceRequest) -> Result<RateKey, KeyError> {
-        let headers = req.headers();
-        if connection_names(headers, &self.name) {
-            return Err(KeyError::KeyHeaderInConnection(self.name.clone()));
-        }
-        let mut values = headers.get_all(&self.name);
-        match (values.next(), values.next()) {
-            (Some(_), Some(_)) => Err(KeyError::AmbiguousHeader(self.name.clone())),
-            (Some(value), None) => match self.normalize(value) {
-                Some(value) => Ok(RateKey::header(value)),
-                None => self.fallback.extract(req),
-            },
-            (None, _) => self.fallback.extract(req),
+        match header_value(&self.name, req.headers())? {
+            Some(value) => Ok(RateKey::header(value)),
+            None => self.fallback.extract(req),
         }
     }
 }
 
-impl HeaderKey {
-    /// The value as the upstream reads it (see [`normalize_credentials`] and
-    /// [`trim_ows`]), or `None` when nothing is left. Allocates only when the
-    /// value changes.
-    fn normalize(&self, value: &HeaderValue) -> Option<HeaderValue> {
-        let bytes = value.as_bytes();
-        let normalized = if is_credentials_header(&self.name) {
-            normalize_credentials(bytes)
-        } else {
-            Cow::Borrowed(trim_ows(bytes))
-        };
-        if normalized.is_empty() {
-            return None;
-        }
-        if normalized.len() == bytes.len() && *normalized == *bytes {
-            return Some(value.clone());
-        }
-        // Only removes whitespace and lower-cases ASCII: still a valid value.
-        HeaderValue::from_bytes(&normalized).ok()
+/// The value of the key header `name` as [`HeaderKey`] counts it: `Ok(None)`
+/// when the request has none (or it is empty or blank, after the
+/// normalisation [`HeaderKey`] describes), and the same refusals: the header
+/// twice, or named in `Connection`. Rules with composite keys use it for
+/// each header part.
+pub fn header_value(
+    name: &HeaderName,
+    headers: &HeaderMap,
+) -> Result<Option<HeaderValue>, KeyError> {
+    if connection_names(headers, name) {
+        return Err(KeyError::KeyHeaderInConnection(name.clone()));
     }
+    let mut values = headers.get_all(name);
+    match (values.next(), values.next()) {
+        (Some(_), Some(_)) => Err(KeyError::AmbiguousHeader(name.clone())),
+        (Some(value), None) => Ok(normalize(name, value)),
+        (None, _) => Ok(None),
+    }
+}
+
+/// The value as the upstream reads it (see [`normalize_credentials`] and
+/// [`trim_ows`]), or `None` when nothing is left. Allocates only when the
+/// value changes.
+fn normalize(name: &HeaderName, value: &HeaderValue) -> Option<HeaderValue> {
+    let bytes = value.as_bytes();
+    let normalized = if is_credentials_header(name) {
+        normalize_credentials(bytes)
+    } else {
+        Cow::Borrowed(trim_ows(bytes))
+    };
+    if normalized.is_empty() {
+        return None;
+    }
+    if normalized.len() == bytes.len() && *normalized == *bytes {
+        return Some(value.clone());
+    }
+    // Only removes whitespace and lower-cases ASCII: still a valid value.
+    HeaderValue::from_bytes(&normalized).ok()
 }
 
 /// Headers holding `credentials = auth-scheme [ 1*SP ( token68 / #auth-param ) ]`

@@ -69,6 +69,7 @@
 
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod error;
 pub mod headers;
 pub mod key;
@@ -76,6 +77,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod middleware;
 pub mod outage;
+pub mod policy;
 pub mod proxy;
 pub mod respond;
 pub mod server;

@@ -18,12 +18,12 @@ use actix_web::http::KeepAlive;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 
-use crate::key::{ClientIp, HeaderKey, KeyExtractor};
+use crate::key::{ClientIp, KeyExtractor};
 use crate::limiter::{Backend, Fallback, Health, Limit, MemoryBackend, RedisBackend, RedisTarget};
 use crate::metrics::Metrics;
 use crate::middleware::{FailurePolicy, RateLimit};
 use crate::proxy::{self, Upstream};
-use crate::settings::{BackendKind, KeyKind, Settings, redact_url};
+use crate::settings::{BackendKind, Settings, redact_url};
 
 /// How often idle keys are dropped from in-memory state.
 pub const RETAIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -138,9 +138,15 @@ impl Floodgate {
     }
 }
 
-/// The limit `FLOODGATE_RATE` and `FLOODGATE_BURST` describe.
+/// The limit `FLOODGATE_RATE` and `FLOODGATE_BURST` describe (the default
+/// rule's first).
+// TODO: the gate's wiring uses every rule ([`Settings::policy`]); until
+// then, `FLOODGATE_RATE=none` is served with the most generous limit there is.
 pub fn default_limit(settings: &Settings) -> Limit {
-    Limit::new("default", settings.rate, settings.burst)
+    settings.policy.default_limit().cloned().unwrap_or_else(|| {
+        let rate: crate::Rate = "1000000/s".parse().expect("the largest rate");
+        Limit::new("default", rate, rate.count())
+    })
 }
 
 /// The extractor `FLOODGATE_KEY` describes.
@@ -148,10 +154,7 @@ pub fn key_extractor(settings: &Settings) -> Arc<dyn KeyExtractor> {
     let ip = ClientIp::new()
         .trust(settings.trusted_proxies.iter().copied())
         .ipv6_prefix(settings.ipv6_prefix);
-    match &settings.key {
-        KeyKind::Ip => Arc::new(ip),
-        KeyKind::Header(name) => Arc::new(HeaderKey::new(name.clone(), ip)),
-    }
+    Arc::new(settings.policy.key().extractor(ip))
 }
 
 /// Both listening sockets, bound before anything is served so that a port in
