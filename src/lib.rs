@@ -69,6 +69,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod headers;
