@@ -12,10 +12,12 @@
 //! `503`, as its [`FailurePolicy`] says.
 //!
 //! Allowed networks and keys (`allow`, `allow_keys`) are never refused but
-//! still counted: their requests are charged like any other (so a `global`
-//! limit sees all the traffic the upstream gets), a refusal is overridden
-//! (and so, all-or-nothing, charged to none), and they get no rate-limit
-//! headers, since no limit applies to them. A shadow rule decides and
+//! still counted: their requests are checked and charged like any other
+//! (so a `global` limit sees the traffic the upstream gets from them), a
+//! refusal is overridden (and so, all-or-nothing, that request is charged to
+//! none of the rule's limits), a backend failure lets them through whatever
+//! the failure policy, and they get no rate-limit headers, since no limit
+//! applies to them. A shadow rule decides and
 //! charges as usual; a would-be refusal is logged at info with the rule and
 //! the key's fingerprint, counted (`decision="shadow_limited"`), and
 //! forwarded; its clients see no rate-limit headers.
