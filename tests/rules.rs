@@ -358,3 +358,133 @@ deny = ["203.0.113.0/24"]
     assert!(doc["last_reload"]["at"].as_u64().unwrap() > 1_700_000_000);
     assert_eq!(doc["last_reload"]["errors"], serde_json::json!([]));
 }
+
+// === the real binary: SIGHUP ===
+
+/// `GET /rules` from the admin listener, parsed.
+fn rules_doc(admin: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&request(admin, "GET", "/rules", &[], b"").text()).unwrap()
+}
+
+#[test]
+fn sighup_reloads_the_file_while_traffic_flows_and_never_stops_the_process() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let up = upstream().run();
+    let file = rules_file(LOGIN);
+    let upstream_url = format!("http://{}", up.addr());
+    let mut fg = support::Binary::start(&[
+        ("FLOODGATE_UPSTREAM", upstream_url.as_str()),
+        ("FLOODGATE_CONFIG", file.path().to_str().unwrap()),
+        ("FLOODGATE_RATE", "100000/s"),
+        ("FLOODGATE_WORKERS", "2"),
+    ]);
+    let addr = fg.addr;
+
+    // Traffic on the default rule throughout: no request may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                statuses.push(support::try_send(
+                    addr,
+                    &support::client::build("GET", "/", &[], b""),
+                ));
+            }
+            statuses
+        })
+    };
+
+    assert_eq!(request(addr, "POST", "/login", &[], b"").status, 200);
+    rewrite(
+        &file,
+        &format!(
+            "[[rules]]\nname = \"trial\"\nmatch = {{ path = \"/trial\" }}\nlimits = [{{ rate = \"1/h\", burst = 1 }}]\nshadow = true\n{LOGIN}"
+        ),
+    );
+    fg.signal("HUP");
+    support::eventually("the reloaded rules", || {
+        (rules_doc(fg.admin)["rules"][0]["name"] == "trial").then_some(())
+    });
+    assert_eq!(
+        request(addr, "POST", "/login", &[], b"").status,
+        200,
+        "one of two left"
+    );
+    assert_eq!(
+        request(addr, "POST", "/login", &[], b"").status,
+        429,
+        "counters carried over the reload"
+    );
+    for _ in 0..2 {
+        let res = request(addr, "GET", "/trial", &[], b"");
+        assert_eq!(res.status, 200, "shadow");
+        assert_eq!(res.header("ratelimit"), None);
+    }
+
+    rewrite(
+        &file,
+        "[[rules]]\nname = \"trial\"\nlimits = [{ rate = \"1/h\", brust = 1 }]\n",
+    );
+    fg.signal("HUP");
+    let doc = support::eventually("the refused reload", || {
+        let doc = rules_doc(fg.admin);
+        (doc["last_reload"]["ok"] == false).then_some(doc)
+    });
+    let errors = doc["last_reload"]["errors"].as_array().unwrap().clone();
+    assert!(
+        errors.iter().any(|e| e.as_str().unwrap().contains("brust")),
+        "{errors:?}"
+    );
+    assert_eq!(doc["rules"][0]["name"], "trial", "the old rules stay");
+    assert_eq!(request(addr, "POST", "/login", &[], b"").status, 429);
+    assert!(fg.child.try_wait().unwrap().is_none(), "still running");
+
+    stop.store(true, Ordering::Relaxed);
+    let statuses = traffic.join().unwrap();
+    assert!(statuses.len() > 5, "traffic flowed: {}", statuses.len());
+    for status in &statuses {
+        match status {
+            Ok(res) => assert_eq!(res.status, 200),
+            Err(err) => panic!("a request failed during the reloads: {err}"),
+        }
+    }
+
+    let stderr = fg.stderr();
+    assert!(stderr.contains("rules reloaded"), "{stderr}");
+    assert!(
+        stderr.contains("shadow: rule=trial limit=trial would refuse key=ip:127.0.0.1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("reload refused, the old rules stay") && l.contains("brust")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sighup_without_a_settings_file_keeps_serving() {
+    let up = upstream().run();
+    let upstream_url = format!("http://{}", up.addr());
+    let mut fg = support::Binary::start(&[("FLOODGATE_UPSTREAM", upstream_url.as_str())]);
+    for _ in 0..3 {
+        fg.signal("HUP");
+        assert!(
+            fg.wait_exit(std::time::Duration::from_millis(200))
+                .is_none(),
+            "SIGHUP never stops floodgate"
+        );
+        assert_eq!(request(fg.addr, "GET", "/", &[], b"").status, 200);
+    }
+    assert_eq!(rules_doc(fg.admin)["last_reload"]["ok"], true);
+    let stderr = fg.stderr();
+    assert!(
+        stderr.contains("SIGHUP received: reloading the rules"),
+        "{stderr}"
+    );
+}
