@@ -40,7 +40,7 @@ use arc_swap::ArcSwap;
 use futures_util::future::{LocalBoxFuture, Ready, ready};
 use smallvec::SmallVec;
 
-use crate::headers::{HeaderStyle, LimitHeaders, Recent};
+use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
 use crate::key::{ClientIp, Fingerprinter, KeyError, KeyExtractor};
 use crate::limiter::{Backend, Check, Decisions, Health, Limit, RateKey};
 use crate::metrics::Metrics;
@@ -468,13 +468,13 @@ where
                 Outcome::ShadowLimited => {
                     config.metrics.shadow_limited.inc();
                     log::info!(
-                        "shadow: rule={} limit={} would refuse key={} retry_after={:?}",
+                        "shadow: rule={} limit={} would refuse key={} retry_after={}s",
                         verdict.rule,
                         verdict.refusing().map_or("", |l| l.limit.name()),
                         verdict
                             .key_fingerprint(&config.fingerprints)
                             .unwrap_or_default(),
-                        verdict.retry_after()
+                        verdict.retry_after().map_or(1, retry_after_secs)
                     );
                 }
                 _ => config.metrics.allowed.inc(),

@@ -6,7 +6,7 @@
 //! access log read, so they can never disagree about a request.
 //!
 //! ```
-//! # use actix_web::HttpRequest;
+//! # use actix_web::{HttpMessage, HttpRequest};
 //! # fn handler(req: HttpRequest) {
 //! use floodgate::verdict::Verdict;
 //! if let Some(verdict) = req.extensions().get::<Verdict>() {
