@@ -651,4 +651,116 @@ mod tests {
             );
         }
     }
+
+    #[actix_web::test]
+    async fn the_verdict_is_in_the_request_extensions() {
+        use actix_web::{HttpMessage, HttpRequest};
+        let backend = Arc::new(MemoryBackend::new(100));
+        let app = at::init_service(
+            App::new()
+                .wrap(RateLimit::new(backend, limit(5)))
+                .default_service(web::to(|req: HttpRequest| async move {
+                    let ext = req.extensions();
+                    let verdict = ext.get::<Verdict>().expect("a verdict");
+                    HttpResponse::Ok().body(format!(
+                        "{} {:?} {:?} {}",
+                        verdict.rule,
+                        verdict.outcome,
+                        verdict.decided_by,
+                        verdict.tightest().unwrap().decision.remaining()
+                    ))
+                })),
+        )
+        .await;
+        let req = at::TestRequest::get()
+            .uri("/")
+            .peer_addr("192.0.2.1:1000".parse().unwrap())
+            .to_request();
+        let res = at::call_service(&app, req).await;
+        assert_eq!(at::read_body(res).await, "default Allowed Backend 4");
+    }
+
+    /// A key for tests: the `x-tenant` header, or 400.
+    struct Tenant;
+
+    impl KeyExtractor for Tenant {
+        fn extract(&self, req: &ServiceRequest) -> Result<RateKey, KeyError> {
+            req.headers()
+                .get("x-tenant")
+                .map(|v| RateKey::bytes(v.as_bytes().to_vec()))
+                .ok_or(KeyError::NoPeerAddress)
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_custom_key_replaces_the_rules_key_but_not_a_limits_own() {
+        use crate::policy::{KeySpec, Rule, Rules};
+        let rule = Rule::new("default").limit(limit(1)).limit_by(
+            Limit::new("all", "1/h".parse().unwrap(), NonZeroU32::new(3).unwrap()),
+            KeySpec::global(),
+        );
+        let rules = Rules::single(rule).unwrap();
+        let backend = Arc::new(MemoryBackend::new(100));
+        let app = at::init_service(
+            App::new()
+                .wrap(RateLimit::from_rules(backend, rules).key(Tenant))
+                .default_service(web::to(HttpResponse::Ok)),
+        )
+        .await;
+        let peer = "192.0.2.1:1000".parse().unwrap();
+        let get = |tenant: &'static str| {
+            at::TestRequest::get()
+                .uri("/")
+                .peer_addr(peer)
+                .insert_header(("x-tenant", tenant))
+                .to_request()
+        };
+        assert_eq!(at::call_service(&app, get("a")).await.status(), 200);
+        assert_eq!(at::call_service(&app, get("a")).await.status(), 429);
+        assert_eq!(at::call_service(&app, get("b")).await.status(), 200);
+        assert_eq!(at::call_service(&app, get("c")).await.status(), 200);
+        let res = at::call_service(&app, get("d")).await;
+        assert_eq!(res.status(), 429, "one global budget of 3");
+        assert_eq!(
+            res.headers().get("ratelimit-policy").unwrap(),
+            "\"default\";q=1;w=3600, \"all\";q=1;w=3600"
+        );
+        let no_tenant = at::TestRequest::get().uri("/").peer_addr(peer).to_request();
+        assert_eq!(at::call_service(&app, no_tenant).await.status(), 400);
+    }
+
+    #[actix_web::test]
+    async fn a_reload_reaches_every_clone_and_keeps_unchanged_counters() {
+        use crate::policy::{Rule, Rules};
+        let backend = Arc::new(MemoryBackend::new(100));
+        let rate_limit = RateLimit::new(backend, limit(2));
+        let app = at::init_service(
+            App::new()
+                .wrap(rate_limit.clone())
+                .default_service(web::to(HttpResponse::Ok)),
+        )
+        .await;
+        let peer = "192.0.2.1:1000".parse().unwrap();
+        let get = || at::TestRequest::get().uri("/").peer_addr(peer).to_request();
+        assert_eq!(at::call_service(&app, get()).await.status(), 200);
+        // The same limit, and a rule without limits in front of it for /free.
+        let free = Rule::new("free").matching(crate::policy::Match::any().path("/free"));
+        rate_limit.reload(Rules::new(vec![free], Rule::new("default").limit(limit(2))).unwrap());
+        assert_eq!(rate_limit.rules().rules().count(), 1);
+        assert_eq!(at::call_service(&app, get()).await.status(), 200);
+        assert_eq!(
+            at::call_service(&app, get()).await.status(),
+            429,
+            "no fresh burst"
+        );
+        for _ in 0..3 {
+            let req = at::TestRequest::get()
+                .uri("/free/x")
+                .peer_addr(peer)
+                .to_request();
+            let res = at::call_service(&app, req).await;
+            assert_eq!(res.status(), 200, "no limits: never limited");
+            assert!(res.headers().get("ratelimit").is_none());
+        }
+    }
 }
