@@ -1,4 +1,4 @@
-//! Rate-limit response headers, computed from a [`Decision`] in one place.
+//! Rate-limit response headers, computed from a [`Verdict`] in one place.
 //!
 //! `ietf` follows draft-ietf-httpapi-ratelimit-headers-10:
 //!
@@ -9,7 +9,12 @@
 //!
 //! `q` is the rate's count and `w` its period in seconds; `r` is what the key
 //! has left and `t` the seconds until its quota is fully back (rounded up).
-//! `legacy` sends the same numbers as `X-RateLimit-Limit`,
+//! A rule with several limits lists them all in `RateLimit-Policy`
+//! (`"login";q=5;w=60, "daily";q=100;w=86400`); `RateLimit` reports the one
+//! with the fewest requests remaining (ties: the later reset), so a client
+//! reads what will stop it first. A shadow rule sends no headers.
+//!
+//! `legacy` sends the same numbers (of the same limit) as `X-RateLimit-Limit`,
 //! `X-RateLimit-Remaining` and `X-RateLimit-Reset` (delta seconds, not an
 //! epoch). Headers of the same names from the upstream are replaced, so a
 //! client never sees two answers to one question.
@@ -20,7 +25,8 @@ use std::time::Duration;
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use bytes::{Bytes, BytesMut};
 
-use crate::limiter::{Decision, Limit};
+use crate::limiter::{Decision, Limit, LimitId};
+use crate::verdict::Verdict;
 
 /// `RateLimit-Policy`: the limit itself (draft-ietf-httpapi-ratelimit-headers).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -58,70 +64,68 @@ impl FromStr for HeaderStyle {
     }
 }
 
-/// The headers for one limit, with the parts that never change built once.
+/// The headers for one rule's limits, with the parts that never change built
+/// once (when the rule set is built or reloaded, never per request).
 #[derive(Debug, Clone)]
 pub struct LimitHeaders {
     style: HeaderStyle,
-    /// `RateLimit-Policy` (ietf) or `X-RateLimit-Limit` (legacy).
-    policy: HeaderValue,
+    /// `RateLimit-Policy`: every limit of the rule (ietf).
+    policy: Option<HeaderValue>,
+    /// One per limit, in the rule's order.
+    items: Vec<Item>,
+}
+
+/// The constant parts for one limit.
+#[derive(Debug, Clone)]
+struct Item {
+    id: LimitId,
     /// `"name";` — the start of every `RateLimit` value.
-    item_prefix: String,
+    prefix: String,
+    /// `X-RateLimit-Limit` (legacy): the rate's count.
+    count: HeaderValue,
 }
 
 impl LimitHeaders {
-    /// The headers of `style` for `limit`; builds the constant parts once.
-    pub fn new(style: HeaderStyle, limit: &Limit) -> Self {
-        let name = sf_string(limit.name());
-        let count = limit.rate().count();
-        let window = whole_seconds(limit.rate().period());
-        let policy = match style {
-            HeaderStyle::Ietf => format!("{name};q={count};w={window}"),
-            HeaderStyle::Legacy | HeaderStyle::None => count.to_string(),
-        };
+    /// The headers of `style` for a rule with `limits` (in the rule's
+    /// order); builds the constant parts once. `RateLimit-Policy` lists
+    /// every limit: `"login";q=5;w=60, "daily";q=100;w=86400`.
+    pub fn new(style: HeaderStyle, limits: &[Limit]) -> Self {
+        let items: Vec<Item> = limits
+            .iter()
+            .map(|limit| Item {
+                id: limit.id(),
+                prefix: format!("{};", sf_string(limit.name())),
+                count: HeaderValue::from(limit.rate().count().get()),
+            })
+            .collect();
+        let policy = (style == HeaderStyle::Ietf && !limits.is_empty()).then(|| {
+            let list: Vec<String> = limits.iter().map(policy_item).collect();
+            HeaderValue::try_from(list.join(", "))
+                .expect("quoted sf-strings and digits are a valid header value")
+        });
         LimitHeaders {
             style,
-            policy: HeaderValue::try_from(policy)
-                .expect("quoted sf-string is a valid header value"),
-            item_prefix: format!("{name};"),
+            policy,
+            items,
         }
     }
 
-    /// Sets this limit's headers for `decision` on a response. `recent`
-    /// remembers the last values built (one per worker): a flood of refusals
-    /// repeats the same few values, which then cost no formatting and no
-    /// allocation.
-    pub fn apply(&self, decision: &Decision, headers: &mut HeaderMap, recent: &mut Recent) {
-        let remaining = decision.remaining();
-        let reset = whole_seconds(decision.reset_after());
-        match self.style {
-            HeaderStyle::None => {}
-            HeaderStyle::Ietf => {
-                headers.insert(RATELIMIT_POLICY, self.policy.clone());
-                let value = match &recent.ratelimit {
-                    Some((key, value)) if *key == (remaining, reset) => value.clone(),
-                    _ => {
-                        let mut numbers = itoa::Buffer::new();
-                        let mut value = BytesMut::with_capacity(self.item_prefix.len() + 24);
-                        value.extend_from_slice(self.item_prefix.as_bytes());
-                        value.extend_from_slice(b"r=");
-                        value.extend_from_slice(numbers.format(remaining).as_bytes());
-                        value.extend_from_slice(b";t=");
-                        value.extend_from_slice(numbers.format(reset).as_bytes());
-                        let value = header_value(value.freeze());
-                        recent.ratelimit = Some(((remaining, reset), value.clone()));
-                        value
-                    }
-                };
-                headers.insert(RATELIMIT, value);
-            }
-            HeaderStyle::Legacy => {
-                headers.insert(X_RATELIMIT_LIMIT, self.policy.clone());
-                headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
-                headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
-            }
+    /// Sets the headers for `verdict` on a response: `RateLimit-Policy`
+    /// lists every limit, `RateLimit` (or the legacy trio) reports the
+    /// [tightest](Verdict::tightest) one, and a refusal gets `Retry-After`.
+    /// A shadow rule sets nothing. `recent` remembers the last values built
+    /// (one per worker): a flood of refusals repeats the same few values,
+    /// which then cost no formatting and no allocation.
+    pub fn apply(&self, verdict: &Verdict, headers: &mut HeaderMap, recent: &mut Recent) {
+        if verdict.shadow {
+            return;
         }
-        if let Decision::Limited { retry_after, .. } = decision {
-            let secs = retry_after_secs(*retry_after);
+        if let Some(i) = verdict.tightest_index() {
+            let decision = &verdict.limits[i];
+            self.apply_limit(i, &decision.limit, &decision.decision, headers, recent);
+        }
+        if let Some(retry_after) = verdict.retry_after() {
+            let secs = retry_after_secs(retry_after);
             let value = match &recent.retry_after {
                 Some((key, value)) if *key == secs => value.clone(),
                 _ => {
@@ -133,6 +137,69 @@ impl LimitHeaders {
             headers.insert(RETRY_AFTER, value);
         }
     }
+
+    /// The headers of the `i`th limit (`limit`) for `decision`.
+    fn apply_limit(
+        &self,
+        i: usize,
+        limit: &Limit,
+        decision: &Decision,
+        headers: &mut HeaderMap,
+        recent: &mut Recent,
+    ) {
+        // A verdict always comes with the headers of its own rule; if it
+        // ever did not, the limit itself says what to write.
+        let own;
+        let item = match self.items.get(i) {
+            Some(item) if item.id == limit.id() => item,
+            _ => {
+                own = LimitHeaders::new(self.style, std::slice::from_ref(limit));
+                &own.items[0]
+            }
+        };
+        let remaining = decision.remaining();
+        let reset = whole_seconds(decision.reset_after());
+        match self.style {
+            HeaderStyle::None => {}
+            HeaderStyle::Ietf => {
+                if let Some(policy) = &self.policy {
+                    headers.insert(RATELIMIT_POLICY, policy.clone());
+                }
+                let memo = (item.id, remaining, reset);
+                let value = match &recent.ratelimit {
+                    Some((key, value)) if *key == memo => value.clone(),
+                    _ => {
+                        let mut numbers = itoa::Buffer::new();
+                        let mut value = BytesMut::with_capacity(item.prefix.len() + 24);
+                        value.extend_from_slice(item.prefix.as_bytes());
+                        value.extend_from_slice(b"r=");
+                        value.extend_from_slice(numbers.format(remaining).as_bytes());
+                        value.extend_from_slice(b";t=");
+                        value.extend_from_slice(numbers.format(reset).as_bytes());
+                        let value = header_value(value.freeze());
+                        recent.ratelimit = Some((memo, value.clone()));
+                        value
+                    }
+                };
+                headers.insert(RATELIMIT, value);
+            }
+            HeaderStyle::Legacy => {
+                headers.insert(X_RATELIMIT_LIMIT, item.count.clone());
+                headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
+                headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
+            }
+        }
+    }
+}
+
+/// One limit as `RateLimit-Policy` lists it: `"name";q=10;w=60`.
+fn policy_item(limit: &Limit) -> String {
+    format!(
+        "{};q={};w={}",
+        sf_string(limit.name()),
+        limit.rate().count(),
+        whole_seconds(limit.rate().period())
+    )
 }
 
 /// The comma-separated tokens of a header value (`Connection: a, b`),
@@ -147,8 +214,10 @@ pub fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The last header values [`LimitHeaders::apply`] built, kept per worker.
 #[derive(Debug, Default)]
 pub struct Recent {
-    ratelimit: Option<((u32, u64), HeaderValue)>,
+    ratelimit: Option<((LimitId, u32, u64), HeaderValue)>,
     retry_after: Option<(u64, HeaderValue)>,
+    /// The last `429` text body, by the limit it names ([`crate::respond`]).
+    pub(crate) body: Option<(LimitId, Bytes)>,
 }
 
 /// `Retry-After` in whole seconds, rounded up and at least 1: a client that
@@ -199,6 +268,8 @@ pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limiter::Algorithm;
+    use crate::verdict::DecidedBy;
     use std::num::NonZeroU32;
 
     fn limit(rate: &str, burst: u32) -> Limit {
@@ -210,8 +281,19 @@ mod tests {
     }
 
     fn render(style: HeaderStyle, limit: &Limit, decision: Decision) -> Vec<(String, String)> {
+        render_all(style, std::slice::from_ref(limit), &[decision], false)
+    }
+
+    fn render_all(
+        style: HeaderStyle,
+        limits: &[Limit],
+        decisions: &[Decision],
+        shadow: bool,
+    ) -> Vec<(String, String)> {
+        let mut verdict = Verdict::new("r".into(), shadow);
+        verdict.decided(limits, decisions, DecidedBy::Backend);
         let mut headers = HeaderMap::new();
-        LimitHeaders::new(style, limit).apply(&decision, &mut headers, &mut Recent::default());
+        LimitHeaders::new(style, limits).apply(&verdict, &mut headers, &mut Recent::default());
         let mut out: Vec<_> = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
@@ -296,6 +378,99 @@ mod tests {
             render(HeaderStyle::None, &limit("5/s", 5), limited),
             pairs(&[("retry-after", "1")])
         );
+    }
+
+    fn named(name: &str, rate: &str, burst: u32) -> Limit {
+        Limit::new(name, rate.parse().unwrap(), NonZeroU32::new(burst).unwrap())
+    }
+
+    #[test]
+    fn several_limits_list_every_policy_and_report_the_fewest_remaining() {
+        let limits = [
+            named("login", "5/min", 5),
+            Limit::window("daily", "100/day".parse().unwrap(), Algorithm::FixedWindow).unwrap(),
+        ];
+        let allowed = |remaining, secs| Decision::Allowed {
+            remaining,
+            reset_after: Duration::from_secs(secs),
+        };
+        assert_eq!(
+            render_all(
+                HeaderStyle::Ietf,
+                &limits,
+                &[allowed(4, 12), allowed(99, 3600)],
+                false
+            ),
+            pairs(&[
+                ("ratelimit", "\"login\";r=4;t=12"),
+                (
+                    "ratelimit-policy",
+                    "\"login\";q=5;w=60, \"daily\";q=100;w=86400"
+                ),
+            ])
+        );
+        // A tie on remaining: the later reset is reported.
+        assert_eq!(
+            render_all(
+                HeaderStyle::Legacy,
+                &limits,
+                &[allowed(2, 12), allowed(2, 3600)],
+                false
+            ),
+            pairs(&[
+                ("x-ratelimit-limit", "100"),
+                ("x-ratelimit-remaining", "2"),
+                ("x-ratelimit-reset", "3600"),
+            ])
+        );
+        // Refused by the daily quota: it is what the client reads.
+        let limited = Decision::Limited {
+            retry_after: Duration::from_secs(600),
+            reset_after: Duration::from_secs(600),
+        };
+        assert_eq!(
+            render_all(
+                HeaderStyle::Ietf,
+                &limits,
+                &[allowed(4, 12), limited],
+                false
+            ),
+            pairs(&[
+                ("ratelimit", "\"daily\";r=0;t=600"),
+                (
+                    "ratelimit-policy",
+                    "\"login\";q=5;w=60, \"daily\";q=100;w=86400"
+                ),
+                ("retry-after", "600"),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_shadow_rule_sends_no_headers() {
+        let limited = Decision::Limited {
+            retry_after: Duration::from_secs(6),
+            reset_after: Duration::from_secs(6),
+        };
+        assert!(render_all(HeaderStyle::Ietf, &[limit("1/min", 1)], &[limited], true).is_empty());
+    }
+
+    #[test]
+    fn the_memo_tells_limits_apart() {
+        let a = [named("a", "10/min", 10)];
+        let b = [named("b", "10/min", 10)];
+        let mut recent = Recent::default();
+        let decision = Decision::Allowed {
+            remaining: 3,
+            reset_after: Duration::from_secs(6),
+        };
+        for (limits, want) in [(&a, "\"a\";r=3;t=6"), (&b, "\"b\";r=3;t=6")] {
+            let mut verdict = Verdict::new("r".into(), false);
+            verdict.decided(limits, &[decision], DecidedBy::Backend);
+            let mut headers = HeaderMap::new();
+            LimitHeaders::new(HeaderStyle::Ietf, limits).apply(&verdict, &mut headers, &mut recent);
+            assert_eq!(headers.get(RATELIMIT).unwrap(), want);
+        }
     }
 
     #[test]

@@ -24,6 +24,13 @@
 //!   [`RedisBackend`] or your own) and any [`KeyExtractor`](key::KeyExtractor)
 //!   (who is counted: [`ClientIp`](key::ClientIp),
 //!   [`HeaderKey`](key::HeaderKey) or your own).
+//! * [`RateLimit::from_rules`] enforces a [`Rules`](policy::Rules) set
+//!   instead of one limit: named rules matched by method, normalised path
+//!   and host, each with several limits decided all-or-nothing, allow and
+//!   deny lists and shadow mode; [`RateLimit::reload`] swaps the set for
+//!   every worker at once. Each request's [`Verdict`](verdict::Verdict) is
+//!   in its extensions, and every answer the gate makes itself comes from
+//!   [`respond`].
 //! * [`proxy::configure`] adds the streaming forwarder as the default service
 //!   of an `App` or a scope. Call it inside the `HttpServer::new` factory: it
 //!   builds one upstream connection pool per worker. [`proxy::Upstream`] holds
@@ -69,6 +76,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod headers;
@@ -79,8 +87,10 @@ pub mod middleware;
 pub mod outage;
 pub mod policy;
 pub mod proxy;
+pub mod respond;
 pub mod server;
 pub mod settings;
+pub mod verdict;
 
 /// The README's Rust examples run as doctests, so it cannot show code that
 /// does not compile.

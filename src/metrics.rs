@@ -67,6 +67,10 @@ pub struct Metrics {
     pub limited: Counter,
     /// Requests refused before any limit was checked (bad key: 400).
     pub rejected: Counter,
+    /// Requests answered 403: the client network is denied.
+    pub denied: Counter,
+    /// Requests a shadow rule would have refused (forwarded).
+    pub shadow_limited: Counter,
     /// Requests let through because the backend failed under an `open` or
     /// `local` policy, or refused under `closed`.
     pub backend_errors: Counter,
@@ -102,6 +106,8 @@ impl Metrics {
                 ("{decision=\"allowed\"}", self.allowed.get()),
                 ("{decision=\"limited\"}", self.limited.get()),
                 ("{decision=\"rejected\"}", self.rejected.get()),
+                ("{decision=\"denied\"}", self.denied.get()),
+                ("{decision=\"shadow_limited\"}", self.shadow_limited.get()),
             ],
         );
         family(

@@ -1,28 +1,53 @@
-//! The rate-limit middleware: key → backend → `429` or the wrapped service.
+//! The rate-limit middleware: rule → deny list → keys → backend → `429`,
+//! `403` or the wrapped service.
 //!
-//! A request whose key cannot be derived is answered `400`; one the backend
-//! cannot decide goes on or is answered `503`, as its [`FailurePolicy`] says.
-//! One [`Transform`] serves every case; the only code that writes rate-limit
-//! headers is [`LimitHeaders::apply`], for allowed and limited responses alike.
+//! Per request: the rule set is read without a lock (it sits behind
+//! [`ArcSwap`], so a reload swaps it whole while requests are in flight);
+//! [`Rules::select`] picks the rule by method, normalised path and host; a
+//! client network on the rule's or the global deny list is answered `403`
+//! before any limiter state is touched; each distinct key spec of the rule
+//! is extracted once (a bad key: `400`); the backend decides every limit at
+//! once ([`Backend::check_all`], all-or-nothing); and the request is
+//! forwarded or refused. One the backend cannot decide goes on or is answered
+//! `503`, as its [`FailurePolicy`] says.
+//!
+//! Allowed networks and keys (`allow`, `allow_keys`) are never refused but
+//! still counted: their requests are checked and charged like any other
+//! (so a `global` limit sees the traffic the upstream gets from them), a
+//! refusal is overridden (and so, all-or-nothing, that request is charged to
+//! none of the rule's limits), a backend failure lets them through whatever
+//! the failure policy, and they get no rate-limit headers, since no limit
+//! applies to them. A shadow rule decides and
+//! charges as usual; a would-be refusal is logged at info with the rule and
+//! the key's fingerprint, counted (`decision="shadow_limited"`), and
+//! forwarded; its clients see no rate-limit headers.
+//!
+//! One [`Transform`] serves every case. Every request gets a [`Verdict`] in
+//! its extensions; the only code that writes rate-limit headers is
+//! [`LimitHeaders::apply`], reading that verdict, and every answer the gate
+//! makes itself comes from [`respond`].
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
-use actix_web::body::{BoxBody, EitherBody, MessageBody};
+use actix_web::Error;
+use actix_web::HttpMessage;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
-use actix_web::http::header::{self, HeaderMap, HeaderValue};
-use actix_web::http::{ConnectionType, StatusCode};
-use actix_web::{Error, HttpResponse, ResponseError};
+use actix_web::http::header;
+use arc_swap::ArcSwap;
 use futures_util::future::{LocalBoxFuture, Ready, ready};
+use smallvec::SmallVec;
 
-use crate::error::ProxyError;
 use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
-use crate::key::{ClientIp, KeyExtractor};
-use crate::limiter::{Backend, Check, Decision, Health, Limit, RateKey};
+use crate::key::{ClientIp, Fingerprinter, KeyError, KeyExtractor};
+use crate::limiter::{Backend, Check, Decisions, Health, Limit, RateKey};
 use crate::metrics::Metrics;
 use crate::outage::OutageLog;
+use crate::policy::{KeySpec, Rule, Rules, client_addr};
+use crate::respond;
+use crate::verdict::{DecidedBy, Outcome, Verdict};
 
 /// What to do when the backend cannot decide (Redis down or slow).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,16 +59,17 @@ pub enum FailurePolicy {
     Closed,
 }
 
-/// The plain-text body of every `429`.
-const TOO_MANY_REQUESTS_TEXT: &str = "Too Many Requests\n";
+pub use crate::respond::CLOSED_RETRY_AFTER;
 
-/// `Retry-After` sent with a `503` under [`FailurePolicy::Closed`].
-pub const CLOSED_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The scope key fingerprints are made in when nothing else is said: the
+/// default Redis prefix, so logs and Redis key names agree out of the box.
+const DEFAULT_FINGERPRINT_SCOPE: &[u8] = b"floodgate:";
 
 /// Rate-limits every request that passes through the wrapped service.
 ///
 /// Build it once, outside `HttpServer::new`, and clone it into each worker's
-/// `App`: clones share the backend, so all workers count together.
+/// `App`: clones share the backend and the rule set, so all workers count
+/// together and a [`reload`](Self::reload) reaches every one.
 ///
 /// ```
 /// use std::{num::NonZeroU32, sync::Arc};
@@ -58,45 +84,168 @@ pub const CLOSED_RETRY_AFTER: Duration = Duration::from_secs(1);
 ///     .wrap(rate_limit.clone())
 ///     .route("/", web::get().to(HttpResponse::Ok));
 /// ```
+///
+/// Several rules: build a [`Rules`] value and use
+/// [`from_rules`](Self::from_rules) (see `examples/rules_in_code.rs`).
 #[derive(Clone)]
 pub struct RateLimit {
     backend: Arc<dyn Backend>,
-    limit: Limit,
-    headers: LimitHeaders,
-    extractor: Arc<dyn KeyExtractor>,
+    /// The rule set in force: shared by every clone, swapped whole.
+    gate: Arc<ArcSwap<Gate>>,
+    style: HeaderStyle,
+    ip: ClientIp,
+    /// Replaces the key of every limit that counts its rule's key.
+    extractor: Option<Arc<dyn KeyExtractor>>,
+    fingerprints: Arc<Fingerprinter>,
     on_backend_error: FailurePolicy,
     metrics: Arc<Metrics>,
     /// Backend failures as outages: shared by every clone (worker).
     outage: Arc<OutageLog>,
 }
 
+/// A rule set ready to serve: the rules, and for each rule the parts that
+/// never change per request (its header values, its distinct keys), built
+/// once per reload.
+pub struct Gate {
+    rules: Arc<Rules>,
+    /// One per rule in matching order, then the default rule's.
+    compiled: Vec<Compiled>,
+}
+
+struct Compiled {
+    headers: LimitHeaders,
+    /// Each distinct key the rule's limits count, once.
+    sources: SmallVec<[Source; 2]>,
+    /// Per limit (in the rule's order): its index in `sources`.
+    source_of: SmallVec<[usize; 4]>,
+}
+
+#[derive(PartialEq)]
+enum Source {
+    /// The rule's own key (or the embedder's extractor, when one is set).
+    Rule,
+    /// A limit's own key.
+    Spec(KeySpec),
+}
+
+impl Gate {
+    /// Prepares `rules` with rate-limit headers of `style`.
+    pub fn new(rules: Rules, style: HeaderStyle) -> Self {
+        let compiled = rules
+            .rules()
+            .chain([rules.default_rule()])
+            .map(|rule| Compiled::new(rule, style))
+            .collect();
+        Gate {
+            rules: Arc::new(rules),
+            compiled,
+        }
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &Arc<Rules> {
+        &self.rules
+    }
+
+    /// The rule for a request and its compiled parts.
+    fn select(&self, req: &ServiceRequest) -> (&Rule, &Compiled) {
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| req.headers().get(header::HOST)?.to_str().ok());
+        let rule = self.rules.select(req.method(), req.path(), host);
+        let index = self
+            .rules
+            .rules()
+            .position(|r| std::ptr::eq(r, rule))
+            .unwrap_or(self.compiled.len() - 1);
+        (rule, &self.compiled[index])
+    }
+}
+
+impl Compiled {
+    fn new(rule: &Rule, style: HeaderStyle) -> Self {
+        let limits: Vec<Limit> = rule.limits.iter().map(|l| l.limit.clone()).collect();
+        let mut sources: SmallVec<[Source; 2]> = SmallVec::new();
+        let mut source_of = SmallVec::new();
+        for l in &rule.limits {
+            let source = match &l.key {
+                Some(spec) if *spec != rule.key => Source::Spec(spec.clone()),
+                _ => Source::Rule,
+            };
+            let at = match sources.iter().position(|s| *s == source) {
+                Some(at) => at,
+                None => {
+                    sources.push(source);
+                    sources.len() - 1
+                }
+            };
+            source_of.push(at);
+        }
+        Compiled {
+            headers: LimitHeaders::new(style, &limits),
+            sources,
+            source_of,
+        }
+    }
+}
+
 impl RateLimit {
-    /// Limits by client address (the TCP peer), with IETF headers, failing
-    /// open if the backend errs.
+    /// One limit for every request, counted by client address (the TCP
+    /// peer), with IETF headers, failing open if the backend errs.
     pub fn new(backend: Arc<dyn Backend>, limit: Limit) -> Self {
+        let rules =
+            Rules::single(crate::policy::Rule::new(crate::policy::DEFAULT_RULE).limit(limit))
+                .expect("the default rule's name is valid");
+        RateLimit::from_rules(backend, rules)
+    }
+
+    /// Enforces `rules`: each request gets the first rule that matches it,
+    /// or the default rule.
+    pub fn from_rules(backend: Arc<dyn Backend>, rules: Rules) -> Self {
+        let style = HeaderStyle::Ietf;
         RateLimit {
-            headers: LimitHeaders::new(HeaderStyle::Ietf, &limit),
+            gate: Arc::new(ArcSwap::from_pointee(Gate::new(rules, style))),
+            style,
             outage: Arc::new(OutageLog::new(format!(
                 "rate limiter ({} backend)",
                 backend.kind()
             ))),
             backend,
-            limit,
-            extractor: Arc::new(ClientIp::new()),
+            ip: ClientIp::new(),
+            extractor: None,
+            fingerprints: Arc::new(Fingerprinter::new(DEFAULT_FINGERPRINT_SCOPE)),
             on_backend_error: FailurePolicy::Open,
             metrics: Arc::default(),
         }
     }
 
-    /// Counts requests by `extractor` instead of the client address.
+    /// Counts requests by `extractor` instead of each rule's own key
+    /// (limits that name a key of their own, such as `global`, keep it).
     pub fn key(mut self, extractor: impl KeyExtractor) -> Self {
-        self.extractor = Arc::new(extractor);
+        self.extractor = Some(Arc::new(extractor));
+        self
+    }
+
+    /// Resolves client addresses (for `ip` keys, `allow` and `deny`) with
+    /// `ip`: its trusted proxies and IPv6 prefix.
+    pub fn client_ip(mut self, ip: ClientIp) -> Self {
+        self.ip = ip;
         self
     }
 
     /// Which rate-limit headers responses carry.
     pub fn headers(mut self, style: HeaderStyle) -> Self {
-        self.headers = LimitHeaders::new(style, &self.limit);
+        self.style = style;
+        let rules = Rules::clone(self.gate.load().rules());
+        self.gate = Arc::new(ArcSwap::from_pointee(Gate::new(rules, style)));
+        self
+    }
+
+    /// Shows keys in logs as fingerprints made by `fingerprints` (floodgate
+    /// passes the one its Redis key names use).
+    pub fn fingerprints(mut self, fingerprints: Fingerprinter) -> Self {
+        self.fingerprints = Arc::new(fingerprints);
         self
     }
 
@@ -115,67 +264,18 @@ impl RateLimit {
         self
     }
 
-    /// The limit this middleware enforces.
-    pub fn limit(&self) -> &Limit {
-        &self.limit
+    /// The rules in force now.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.gate.load().rules().clone()
     }
 
-    /// The `429` answer for `decision`.
-    /// The body says what happened; `Retry-After` says when to come back,
-    /// so the plain-text body is the same every time (no allocation on the
-    /// path a flood of refused requests takes).
-    fn too_many_requests(
-        &self,
-        req: &ServiceRequest,
-        decision: &Decision,
-        recent: &mut Recent,
-    ) -> HttpResponse {
-        let mut res = HttpResponse::new(StatusCode::TOO_MANY_REQUESTS);
-        let body = if wants_problem_json(req) {
-            let retry = match decision {
-                Decision::Limited { retry_after, .. } => retry_after_secs(*retry_after),
-                Decision::Allowed { .. } => 1,
-            };
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/problem+json"),
-            );
-            BoxBody::new(format!(
-                "{{\"type\":\"about:blank\",\"title\":\"Too Many Requests\",\"status\":429,\
-                 \"detail\":\"Rate limit exceeded; retry in {retry} s.\"}}\n"
-            ))
-        } else {
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            BoxBody::new(TOO_MANY_REQUESTS_TEXT)
-        };
-        self.headers.apply(decision, res.headers_mut(), recent);
-        res.set_body(body)
+    /// Replaces the rules for every clone (worker) at once. Requests in
+    /// flight finish under the rules they started with; limits whose name
+    /// and algorithm are unchanged keep their counters (backends key state
+    /// by [`Limit::id`]).
+    pub fn reload(&self, rules: Rules) {
+        self.gate.store(Arc::new(Gate::new(rules, self.style)));
     }
-}
-
-/// Whether the client prefers RFC 9457 problem details: its `Accept` names
-/// `application/problem+json` or `application/json` with a non-zero weight.
-fn wants_problem_json(req: &ServiceRequest) -> bool {
-    req.headers().get_all(header::ACCEPT).any(|value| {
-        value.to_str().is_ok_and(|accept| {
-            accept.split(',').any(|range| {
-                let mut parts = range.split(';');
-                let media = parts.next().unwrap_or("").trim();
-                let json = media.eq_ignore_ascii_case("application/problem+json")
-                    || media.eq_ignore_ascii_case("application/json");
-                let refused = parts.any(|p| {
-                    p.trim()
-                        .strip_prefix("q=")
-                        .and_then(|q| q.trim().parse::<f32>().ok())
-                        .is_some_and(|q| q <= 0.0)
-                });
-                json && !refused
-            })
-        })
-    })
 }
 
 impl<S, B> Transform<S, ServiceRequest> for RateLimit
@@ -217,6 +317,38 @@ struct Worker {
     recent: RefCell<Recent>,
 }
 
+/// The keys of one request, one per [`Source`] of its rule.
+struct Keys {
+    keys: SmallVec<[RateKey; 2]>,
+    /// The values of header key parts (what `allow_keys` is compared with).
+    header_values: SmallVec<[header::HeaderValue; 1]>,
+}
+
+impl RateLimit {
+    fn extract(&self, req: &ServiceRequest, rule: &Rule, c: &Compiled) -> Result<Keys, KeyError> {
+        let mut keys = Keys {
+            keys: SmallVec::new(),
+            header_values: SmallVec::new(),
+        };
+        for source in &c.sources {
+            let spec = match source {
+                Source::Rule => match &self.extractor {
+                    Some(extractor) => {
+                        keys.keys.push(extractor.extract(req)?);
+                        continue;
+                    }
+                    None => &rule.key,
+                },
+                Source::Spec(spec) => spec,
+            };
+            let found = spec.extract_with_values(req, &self.ip)?;
+            keys.keys.push(found.key);
+            keys.header_values.extend(found.header_values);
+        }
+        Ok(keys)
+    }
+}
+
 impl<S, B> Service<ServiceRequest> for RateLimitService<S>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
@@ -233,48 +365,131 @@ where
         let service = self.service.clone();
         Box::pin(async move {
             let config = &worker.config;
-            let key = match config.extractor.extract(&req) {
-                Ok(key) => key,
+            // Held for the whole request: a reload meanwhile does not change
+            // the rule this request is decided and answered by.
+            let gate = config.gate.load_full();
+            let (rule, compiled) = gate.select(&req);
+            let global = gate.rules.global();
+            let mut verdict = Verdict::new(rule.name.clone(), rule.is_shadow(global));
+
+            let addr = client_addr(&req, &config.ip);
+            if addr.is_some_and(|a| rule.is_denied(a, global)) {
+                config.metrics.denied.inc();
+                log::debug!("denied rule={} addr={addr:?}", rule.name);
+                verdict.outcome = Outcome::Denied;
+                let res = respond::denied(&req);
+                req.extensions_mut().insert(verdict);
+                return Ok(respond::refuse(req, res));
+            }
+            let keys = match config.extract(&req, rule, compiled) {
+                Ok(keys) => keys,
                 Err(err) => {
                     config.metrics.rejected.inc();
-                    let res = ProxyError::from(err).error_response();
-                    return Ok(refuse(req, res));
+                    verdict.outcome = Outcome::BadKey;
+                    req.extensions_mut().insert(verdict);
+                    return Ok(respond::refuse(req, respond::bad_key(err)));
                 }
             };
-            let checks = [Check {
-                limit: &config.limit,
-                key: &key,
-            }];
+            let exempt = rule.is_allowed(addr, &keys.header_values, global);
+            verdict.key = keys.keys.first().cloned();
+            if rule.limits.is_empty() {
+                // Never limited: nothing to ask.
+                config.metrics.allowed.inc();
+                verdict.outcome = if exempt {
+                    Outcome::Exempt
+                } else {
+                    Outcome::Allowed
+                };
+                req.extensions_mut().insert(verdict);
+                return Ok(service.call(req).await?.map_into_left_body());
+            }
+
+            let checks: SmallVec<[Check<'_>; 4]> = rule
+                .limits
+                .iter()
+                .zip(&compiled.source_of)
+                .map(|(l, &source)| Check {
+                    limit: &l.limit,
+                    key: &keys.keys[source],
+                })
+                .collect();
             let checked = match config.backend.try_check_all(&checks) {
                 Some(checked) => checked,
                 None => config.backend.check_all(&checks).await,
-            }
-            .map(|decisions| decisions[0]);
-            let decision = match checked {
-                Ok(decision) => {
-                    // A decision from a backend that reports itself healthy
-                    // (not one a cache made while it is down) ends an outage.
-                    if config.outage.is_active() && config.backend.health() == Health::Up {
-                        config.outage.recovered();
-                    }
-                    decision
-                }
-                Err(err) => return on_backend_error(config, req, &key, err, &service).await,
             };
-            if let Decision::Limited { retry_after, .. } = decision {
-                config.metrics.limited.inc();
-                log::debug!("limited key={key} retry_after={retry_after:?}");
-                let res =
-                    config.too_many_requests(&req, &decision, &mut worker.recent.borrow_mut());
-                return Ok(refuse(req, res));
+            let decisions: Decisions = match checked {
+                Ok(decisions) => decisions,
+                Err(err) if exempt => {
+                    // Never refused, whatever the failure policy says.
+                    config.metrics.backend_errors.inc();
+                    config.outage.record("let through (allow list)", &err);
+                    verdict.outcome = Outcome::Exempt;
+                    verdict.decided_by = DecidedBy::FailOpen;
+                    req.extensions_mut().insert(verdict);
+                    return Ok(service.call(req).await?.map_into_left_body());
+                }
+                Err(err) => return on_backend_error(config, req, verdict, err, &service).await,
+            };
+            // A decision from a backend that reports itself healthy (not one
+            // a cache or the local fallback made while it is down) ends an
+            // outage.
+            let by = if config.backend.health() == Health::Up {
+                if config.outage.is_active() {
+                    config.outage.recovered();
+                }
+                DecidedBy::Backend
+            } else {
+                DecidedBy::Local
+            };
+            verdict.decided(rule.limits.iter().map(|l| &l.limit), &decisions, by);
+            drop(checks);
+            match verdict.outcome {
+                Outcome::Allowed | Outcome::Limited | Outcome::ShadowLimited if exempt => {
+                    config.metrics.allowed.inc();
+                    verdict.outcome = Outcome::Exempt;
+                }
+                Outcome::Limited => {
+                    config.metrics.limited.inc();
+                    log::debug!(
+                        "limited rule={} key={} retry_after={:?}",
+                        verdict.rule,
+                        verdict.key.as_ref().map_or(RateKey::global(), Clone::clone),
+                        verdict.retry_after()
+                    );
+                    let res = respond::too_many_requests(
+                        &req,
+                        &verdict,
+                        &compiled.headers,
+                        &mut worker.recent.borrow_mut(),
+                    );
+                    req.extensions_mut().insert(verdict);
+                    return Ok(respond::refuse(req, res));
+                }
+                Outcome::ShadowLimited => {
+                    config.metrics.shadow_limited.inc();
+                    log::info!(
+                        "shadow: rule={} limit={} would refuse key={} retry_after={}s",
+                        verdict.rule,
+                        verdict.refusing().map_or("", |l| l.limit.name()),
+                        verdict
+                            .key_fingerprint(&config.fingerprints)
+                            .unwrap_or_default(),
+                        verdict.retry_after().map_or(1, retry_after_secs)
+                    );
+                }
+                _ => config.metrics.allowed.inc(),
             }
-            config.metrics.allowed.inc();
+            let apply_headers = verdict.outcome == Outcome::Allowed && !verdict.shadow;
+            req.extensions_mut().insert(verdict);
             let mut res = service.call(req).await?;
-            config.headers.apply(
-                &decision,
-                res.headers_mut(),
-                &mut worker.recent.borrow_mut(),
-            );
+            if apply_headers {
+                let (req, res_headers) = (res.request().clone(), res.headers_mut());
+                if let Some(verdict) = req.extensions().get::<Verdict>() {
+                    compiled
+                        .headers
+                        .apply(verdict, res_headers, &mut worker.recent.borrow_mut());
+                }
+            }
             Ok(res.map_into_left_body())
         })
     }
@@ -283,7 +498,7 @@ where
 async fn on_backend_error<S, B>(
     config: &RateLimit,
     req: ServiceRequest,
-    key: &RateKey,
+    mut verdict: Verdict,
     err: crate::limiter::BackendError,
     service: &S,
 ) -> Result<ServiceResponse<EitherBody<B>>, Error>
@@ -292,6 +507,8 @@ where
     B: MessageBody,
 {
     config.metrics.backend_errors.inc();
+    verdict.outcome = Outcome::Undecided;
+    let key = verdict.key.clone().unwrap_or_else(RateKey::global);
     match config.on_backend_error {
         FailurePolicy::Open => {
             config.outage.record("let through unlimited", &err);
@@ -299,6 +516,8 @@ where
                 "{} backend failed, letting key={key} through: {err}",
                 config.backend.kind()
             );
+            verdict.decided_by = DecidedBy::FailOpen;
+            req.extensions_mut().insert(verdict);
             Ok(service.call(req).await?.map_into_left_body())
         }
         FailurePolicy::Closed => {
@@ -307,40 +526,19 @@ where
                 "{} backend failed, refusing key={key}: {err}",
                 config.backend.kind()
             );
-            let res = ProxyError::LimiterUnavailable {
-                retry_after: CLOSED_RETRY_AFTER,
-            }
-            .error_response();
-            Ok(refuse(req, res))
+            verdict.decided_by = DecidedBy::FailClosed;
+            req.extensions_mut().insert(verdict);
+            Ok(respond::refuse(req, respond::limiter_unavailable()))
         }
     }
-}
-
-/// The answer to a refused request. Nobody reads a refused request's body, so
-/// when one was announced the connection closes once the answer is written:
-/// a body that trickles or never ends cannot hold the connection, and no
-/// unread body is left where the next request should start.
-fn refuse<B>(req: ServiceRequest, mut res: HttpResponse) -> ServiceResponse<EitherBody<B>> {
-    if announces_body(req.headers()) {
-        res.head_mut().set_connection_type(ConnectionType::Close);
-    }
-    req.into_response(res).map_into_right_body()
-}
-
-/// Whether a request comes with a body: chunked (or any transfer coding), or
-/// a `Content-Length` other than 0.
-fn announces_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|len| len.as_bytes() != b"0")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::limiter::MemoryBackend;
-    use actix_web::{App, test as at, web};
+    use actix_web::http::ConnectionType;
+    use actix_web::{App, HttpResponse, test as at, web};
     use std::num::NonZeroU32;
 
     fn limit(burst: u32) -> Limit {
@@ -454,18 +652,115 @@ mod tests {
         }
     }
 
-    #[test]
-    fn accept_negotiation() {
-        let with = |accept: &str| {
-            let req = at::TestRequest::default()
-                .insert_header(("accept", accept))
-                .to_srv_request();
-            wants_problem_json(&req)
+    #[actix_web::test]
+    async fn the_verdict_is_in_the_request_extensions() {
+        use actix_web::{HttpMessage, HttpRequest};
+        let backend = Arc::new(MemoryBackend::new(100));
+        let app = at::init_service(
+            App::new()
+                .wrap(RateLimit::new(backend, limit(5)))
+                .default_service(web::to(|req: HttpRequest| async move {
+                    let ext = req.extensions();
+                    let verdict = ext.get::<Verdict>().expect("a verdict");
+                    HttpResponse::Ok().body(format!(
+                        "{} {:?} {:?} {}",
+                        verdict.rule,
+                        verdict.outcome,
+                        verdict.decided_by,
+                        verdict.tightest().unwrap().decision.remaining()
+                    ))
+                })),
+        )
+        .await;
+        let req = at::TestRequest::get()
+            .uri("/")
+            .peer_addr("192.0.2.1:1000".parse().unwrap())
+            .to_request();
+        let res = at::call_service(&app, req).await;
+        assert_eq!(at::read_body(res).await, "default Allowed Backend 4");
+    }
+
+    /// A key for tests: the `x-tenant` header, or 400.
+    struct Tenant;
+
+    impl KeyExtractor for Tenant {
+        fn extract(&self, req: &ServiceRequest) -> Result<RateKey, KeyError> {
+            req.headers()
+                .get("x-tenant")
+                .map(|v| RateKey::bytes(v.as_bytes().to_vec()))
+                .ok_or(KeyError::NoPeerAddress)
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_custom_key_replaces_the_rules_key_but_not_a_limits_own() {
+        use crate::policy::{KeySpec, Rule, Rules};
+        let rule = Rule::new("default").limit(limit(1)).limit_by(
+            Limit::new("all", "1/h".parse().unwrap(), NonZeroU32::new(3).unwrap()),
+            KeySpec::global(),
+        );
+        let rules = Rules::single(rule).unwrap();
+        let backend = Arc::new(MemoryBackend::new(100));
+        let app = at::init_service(
+            App::new()
+                .wrap(RateLimit::from_rules(backend, rules).key(Tenant))
+                .default_service(web::to(HttpResponse::Ok)),
+        )
+        .await;
+        let peer = "192.0.2.1:1000".parse().unwrap();
+        let get = |tenant: &'static str| {
+            at::TestRequest::get()
+                .uri("/")
+                .peer_addr(peer)
+                .insert_header(("x-tenant", tenant))
+                .to_request()
         };
-        assert!(with("application/json"));
-        assert!(with("text/plain, Application/Problem+JSON;q=0.5"));
-        assert!(!with("application/json;q=0"));
-        assert!(!with("text/html, */*"));
-        assert!(!with("application/jsonx"));
+        assert_eq!(at::call_service(&app, get("a")).await.status(), 200);
+        assert_eq!(at::call_service(&app, get("a")).await.status(), 429);
+        assert_eq!(at::call_service(&app, get("b")).await.status(), 200);
+        assert_eq!(at::call_service(&app, get("c")).await.status(), 200);
+        let res = at::call_service(&app, get("d")).await;
+        assert_eq!(res.status(), 429, "one global budget of 3");
+        assert_eq!(
+            res.headers().get("ratelimit-policy").unwrap(),
+            "\"default\";q=1;w=3600, \"all\";q=1;w=3600"
+        );
+        let no_tenant = at::TestRequest::get().uri("/").peer_addr(peer).to_request();
+        assert_eq!(at::call_service(&app, no_tenant).await.status(), 400);
+    }
+
+    #[actix_web::test]
+    async fn a_reload_reaches_every_clone_and_keeps_unchanged_counters() {
+        use crate::policy::{Rule, Rules};
+        let backend = Arc::new(MemoryBackend::new(100));
+        let rate_limit = RateLimit::new(backend, limit(2));
+        let app = at::init_service(
+            App::new()
+                .wrap(rate_limit.clone())
+                .default_service(web::to(HttpResponse::Ok)),
+        )
+        .await;
+        let peer = "192.0.2.1:1000".parse().unwrap();
+        let get = || at::TestRequest::get().uri("/").peer_addr(peer).to_request();
+        assert_eq!(at::call_service(&app, get()).await.status(), 200);
+        // The same limit, and a rule without limits in front of it for /free.
+        let free = Rule::new("free").matching(crate::policy::Match::any().path("/free"));
+        rate_limit.reload(Rules::new(vec![free], Rule::new("default").limit(limit(2))).unwrap());
+        assert_eq!(rate_limit.rules().rules().count(), 1);
+        assert_eq!(at::call_service(&app, get()).await.status(), 200);
+        assert_eq!(
+            at::call_service(&app, get()).await.status(),
+            429,
+            "no fresh burst"
+        );
+        for _ in 0..3 {
+            let req = at::TestRequest::get()
+                .uri("/free/x")
+                .peer_addr(peer)
+                .to_request();
+            let res = at::call_service(&app, req).await;
+            assert_eq!(res.status(), 200, "no limits: never limited");
+            assert!(res.headers().get("ratelimit").is_none());
+        }
     }
 }

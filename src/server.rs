@@ -18,8 +18,9 @@ use actix_web::http::KeepAlive;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 
-use crate::key::{ClientIp, KeyExtractor};
-use crate::limiter::{Backend, Fallback, Health, Limit, MemoryBackend, RedisBackend, RedisTarget};
+use crate::admin::{LastReload, ReloadStatus};
+use crate::key::{ClientIp, Fingerprinter};
+use crate::limiter::{Backend, Fallback, Health, MemoryBackend, RedisBackend, RedisTarget};
 use crate::metrics::Metrics;
 use crate::middleware::{FailurePolicy, RateLimit};
 use crate::proxy::{self, Upstream};
@@ -39,9 +40,10 @@ pub struct Floodgate {
     /// The limiter state every worker shares; `/readyz` asks its
     /// [`health`](Backend::health).
     pub backend: Arc<dyn Backend>,
-    /// The middleware that charges each client request against the default
-    /// limit, already holding `backend`, the key extractor and the header
-    /// style.
+    /// The middleware that charges each client request against the rules
+    /// (`settings.policy`), already holding `backend`, the client address
+    /// resolution and the header style; [`reload`](Self::reload) swaps its
+    /// rules.
     pub rate_limit: RateLimit,
     /// Where allowed requests go, with every upstream setting applied; each
     /// worker builds its own forwarder (and connection pool) from a clone.
@@ -49,6 +51,11 @@ pub struct Floodgate {
     /// Counters served as `/metrics`, shared by the middleware, the forwarder
     /// and (with Redis) the backend.
     pub metrics: Arc<Metrics>,
+    /// The outcome of the last reload, for `GET /rules`.
+    pub last_reload: Arc<ReloadStatus>,
+    /// Fingerprints of keys, as Redis key names carry them (scoped by the
+    /// Redis prefix): logs and `/rules` show secrets only this way.
+    pub fingerprints: Fingerprinter,
     draining: Arc<AtomicBool>,
 }
 
@@ -65,7 +72,6 @@ impl Floodgate {
                  client can name its own address in X-Forwarded-For"
             );
         }
-        let limit = default_limit(&settings);
         let metrics = Arc::new(Metrics::default());
         let backend: Arc<dyn Backend> = match settings.backend {
             BackendKind::Memory => Arc::new(MemoryBackend::new(settings.max_keys)),
@@ -91,21 +97,16 @@ impl Floodgate {
                 )
             }
         };
-        Self::assemble(settings, limit, backend, metrics)
+        Self::assemble(settings, backend, metrics)
     }
 
-    /// As [`new`](Self::new) with a given backend, which must know `limit`.
-    pub fn with_backend(
-        settings: Settings,
-        limit: Limit,
-        backend: Arc<dyn Backend>,
-    ) -> anyhow::Result<Self> {
-        Self::assemble(settings, limit, backend, Arc::default())
+    /// As [`new`](Self::new) with a given backend.
+    pub fn with_backend(settings: Settings, backend: Arc<dyn Backend>) -> anyhow::Result<Self> {
+        Self::assemble(settings, backend, Arc::default())
     }
 
     fn assemble(
         settings: Settings,
-        limit: Limit,
         backend: Arc<dyn Backend>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -119,8 +120,10 @@ impl Floodgate {
             .reuse_after_body(settings.upstream_reuse_after_body)
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
-        let rate_limit = RateLimit::new(backend.clone(), limit)
-            .key(key_extractor(&settings))
+        let fingerprints = Fingerprinter::new(settings.redis.prefix.as_bytes());
+        let rate_limit = RateLimit::from_rules(backend.clone(), settings.policy.rules.clone())
+            .client_ip(client_ip(&settings))
+            .fingerprints(fingerprints.clone())
             .headers(settings.headers)
             .on_backend_error(match settings.redis.failure {
                 Fallback::Closed => FailurePolicy::Closed,
@@ -133,28 +136,46 @@ impl Floodgate {
             rate_limit,
             upstream,
             metrics,
+            last_reload: Arc::default(),
+            fingerprints,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
+
+    /// Reads the settings file again and, if it is valid, swaps the rules
+    /// atomically: no connection or in-flight request is dropped, and
+    /// limits whose name and algorithm are unchanged keep their counters.
+    /// The environment is not read again, and only the rules change (the
+    /// other settings need a restart). An invalid file is refused with one
+    /// line per problem, each logged, and the old rules stay. The outcome
+    /// is kept for `GET /rules`.
+    pub fn reload(&self) -> Result<(), Vec<String>> {
+        match self.settings.reload() {
+            Ok(rules) => {
+                let count = rules.rules().count();
+                self.rate_limit.reload(rules);
+                self.last_reload.set(LastReload::ok());
+                log::info!("rules reloaded: {count} rules and the default");
+                Ok(())
+            }
+            Err(err) => {
+                for problem in &err.problems {
+                    log::error!("reload refused, the old rules stay: {problem}");
+                }
+                self.last_reload
+                    .set(LastReload::refused(err.problems.clone()));
+                Err(err.problems)
+            }
+        }
+    }
 }
 
-/// The limit `FLOODGATE_RATE` and `FLOODGATE_BURST` describe (the default
-/// rule's first).
-// TODO: the gate's wiring uses every rule ([`Settings::policy`]); until
-// then, `FLOODGATE_RATE=none` is served with the most generous limit there is.
-pub fn default_limit(settings: &Settings) -> Limit {
-    settings.policy.default_limit().cloned().unwrap_or_else(|| {
-        let rate: crate::Rate = "1000000/s".parse().expect("the largest rate");
-        Limit::new("default", rate, rate.count())
-    })
-}
-
-/// The extractor `FLOODGATE_KEY` describes.
-pub fn key_extractor(settings: &Settings) -> Arc<dyn KeyExtractor> {
-    let ip = ClientIp::new()
+/// How client addresses are resolved: `FLOODGATE_TRUSTED_PROXIES` and
+/// `FLOODGATE_IPV6_PREFIX`.
+pub fn client_ip(settings: &Settings) -> ClientIp {
+    ClientIp::new()
         .trust(settings.trusted_proxies.iter().copied())
-        .ipv6_prefix(settings.ipv6_prefix);
-    Arc::new(settings.policy.key().extractor(ip))
+        .ipv6_prefix(settings.ipv6_prefix)
 }
 
 /// Both listening sockets, bound before anything is served so that a port in
@@ -369,6 +390,7 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics))
+            .route("/rules", web::get().to(rules))
     })
     .workers(1)
     .client_request_timeout(settings.client_timeout)
@@ -405,13 +427,29 @@ impl Running {
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully: `/readyz`
     /// turns 503, the listener closes, in-flight requests get up to
-    /// `shutdown_timeout` to finish, and the call returns.
+    /// `shutdown_timeout` to finish, and the call returns. SIGHUP reloads
+    /// the rules ([`Floodgate::reload`]) and never stops the process.
     pub async fn until_signal(self) -> anyhow::Result<()> {
         let main_handle = self.main.handle();
         let draining = self.floodgate.draining.clone();
         let timeout = self.floodgate.settings.shutdown_timeout;
+        // Installed before anything else runs, so that from here on a SIGHUP
+        // is a reload, never the default action (which ends the process).
+        let mut signals = Signals::install();
+        let floodgate = self.floodgate.clone();
         actix_web::rt::spawn(async move {
-            let signal = wait_for_signal().await;
+            let signal = loop {
+                match signals.next().await {
+                    "SIGHUP" => {
+                        log::info!("SIGHUP received: reloading the rules");
+                        let floodgate = floodgate.clone();
+                        // The file is read off the runtime's thread.
+                        let _ =
+                            actix_web::rt::task::spawn_blocking(move || floodgate.reload()).await;
+                    }
+                    other => break other,
+                }
+            };
             log::info!(
                 "{signal} received: draining, in-flight requests have {timeout:?} to finish"
             );
@@ -432,19 +470,41 @@ impl Running {
     }
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        },
-        _ => {
-            log::error!("cannot install signal handlers; stop floodgate with SIGKILL");
-            std::future::pending().await
+/// The signals floodgate acts on.
+struct Signals {
+    streams: Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Some((term, int, hup)),
+            _ => {
+                log::error!("cannot install signal handlers; stop floodgate with SIGKILL");
+                None
+            }
+        };
+        Signals { streams }
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        match &mut self.streams {
+            Some((term, int, hup)) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => "SIGHUP",
+            },
+            None => std::future::pending().await,
         }
     }
 }
@@ -473,6 +533,17 @@ async fn readyz(floodgate: web::Data<Floodgate>) -> HttpResponse {
             .content_type("text/plain")
             .body(format!("not ready: {kind} backend: {note}\n")),
     }
+}
+
+async fn rules(floodgate: web::Data<Floodgate>) -> HttpResponse {
+    let doc = crate::admin::rules_json(
+        &floodgate.rate_limit.rules(),
+        &floodgate.last_reload.get(),
+        &floodgate.fingerprints,
+    );
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(format!("{doc:#}\n"))
 }
 
 async fn metrics(floodgate: web::Data<Floodgate>) -> HttpResponse {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use actix_web::dev::ServerHandle;
 use floodgate::server::{self, Floodgate, Listeners};
 use floodgate::settings::Settings;
-use floodgate::{Backend, Limit, MemoryBackend};
+use floodgate::{Backend, MemoryBackend};
 use governor::clock::FakeRelativeClock;
 
 use super::upstream::futures_executor;
@@ -67,19 +67,33 @@ impl ProxyBuilder {
         let floodgate = match self.clock {
             None => Floodgate::new(settings).expect("building floodgate"),
             Some(clock) => {
-                let limit = server::default_limit(&settings);
                 let backend: Arc<dyn Backend> =
                     Arc::new(MemoryBackend::with_clock(settings.max_keys, clock));
-                Floodgate::with_backend(settings, limit, backend).expect("building floodgate")
+                Floodgate::with_backend(settings, backend).expect("building floodgate")
             }
         };
         Proxy::start(floodgate)
     }
 
-    /// Runs with a backend the test built, which must know `limit`.
-    pub fn run_with(self, limit: Limit, backend: Arc<dyn Backend>) -> Proxy {
+    /// Runs with a backend the test built.
+    pub fn run_with(self, backend: Arc<dyn Backend>) -> Proxy {
         let settings = self.settings();
-        Proxy::start(Floodgate::with_backend(settings, limit, backend).expect("building floodgate"))
+        Proxy::start(Floodgate::with_backend(settings, backend).expect("building floodgate"))
+    }
+
+    /// Builds floodgate without starting it (to keep a handle for reloads),
+    /// then starts it.
+    pub fn run_floodgate(self) -> (Proxy, Floodgate) {
+        let settings = self.settings();
+        let floodgate = match self.clock {
+            None => Floodgate::new(settings).expect("building floodgate"),
+            Some(clock) => {
+                let backend: Arc<dyn Backend> =
+                    Arc::new(MemoryBackend::with_clock(settings.max_keys, clock));
+                Floodgate::with_backend(settings, backend).expect("building floodgate")
+            }
+        };
+        (Proxy::start(floodgate.clone()), floodgate)
     }
 }
 
