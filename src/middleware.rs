@@ -42,7 +42,7 @@ use smallvec::SmallVec;
 
 use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
 use crate::key::{ClientIp, Fingerprinter, KeyError, KeyExtractor};
-use crate::limiter::{Backend, Check, Decisions, Health, Limit, RateKey};
+use crate::limiter::{Backend, Check, Decisions, Limit, RateKey};
 use crate::metrics::Metrics;
 use crate::outage::OutageLog;
 use crate::policy::{KeySpec, Rule, Rules, client_addr};
@@ -433,7 +433,7 @@ where
             // A decision from a backend that reports itself healthy (not one
             // a cache or the local fallback made while it is down) ends an
             // outage.
-            let by = if config.backend.health() == Health::Up {
+            let by = if config.backend.is_up() {
                 if config.outage.is_active() {
                     config.outage.recovered();
                 }

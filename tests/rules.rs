@@ -488,3 +488,45 @@ fn sighup_without_a_settings_file_keeps_serving() {
         "{stderr}"
     );
 }
+
+// === on Redis ===
+
+#[test]
+fn several_limits_are_all_or_nothing_on_redis_too() {
+    let redis = support::RedisServer::start();
+    let up = upstream().run();
+    let file = rules_file(
+        r#"
+[[rules]]
+name = "api"
+match = { path = "/api" }
+limits = [
+  { rate = "1/h", burst = 1 },
+  { name = "api-total", rate = "2/h", burst = 2, key = "global" },
+]
+"#,
+    );
+    let fg = with_file(up.addr(), &file)
+        .env("FLOODGATE_BACKEND", "redis")
+        .env("FLOODGATE_REDIS_URL", &redis.url())
+        .env("FLOODGATE_REDIS_FAILURE", "closed")
+        .run();
+    support::eventually("redis connected", || {
+        (request(fg.admin, "GET", "/readyz", &[], b"").status == 200).then_some(())
+    });
+    assert_eq!(from(fg.addr, "GET", "/api", "198.51.100.1").status, 200);
+    for _ in 0..3 {
+        let refused = from(fg.addr, "GET", "/api", "198.51.100.1");
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.text(), "Too Many Requests: limit \"api.1\"\n");
+    }
+    assert_eq!(
+        from(fg.addr, "GET", "/api", "198.51.100.2").status,
+        200,
+        "the refusals were charged to neither limit"
+    );
+    let everyone = from(fg.addr, "GET", "/api", "198.51.100.3");
+    assert_eq!(everyone.status, 429);
+    assert_eq!(everyone.text(), "Too Many Requests: limit \"api-total\"\n");
+    assert_eq!(up.requests(), 2);
+}

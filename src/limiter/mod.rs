@@ -522,6 +522,14 @@ pub trait Backend: Send + Sync {
         Health::Up
     }
 
+    /// Whether decisions are being made as configured right now: the
+    /// cheap form of [`health`](Self::health) (no text), read on every
+    /// request. `false` while, say, Redis is down and decisions come from
+    /// the local fallback.
+    fn is_up(&self) -> bool {
+        true
+    }
+
     /// A short name for logs: `memory`, `redis`, …
     fn kind(&self) -> &'static str;
 }

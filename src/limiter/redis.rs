@@ -432,6 +432,10 @@ impl Backend for RedisBackend {
         }
     }
 
+    fn is_up(&self) -> bool {
+        RedisBackend::is_up(self)
+    }
+
     fn kind(&self) -> &'static str {
         "redis"
     }
