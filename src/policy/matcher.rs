@@ -18,11 +18,14 @@
 //! * repeated slashes are merged (`//login` is `/login`);
 //! * dot segments are removed (RFC 3986 §5.2.4: `/static/../login` is
 //!   `/login`, also when spelled `%2e%2e`); `..` never climbs above `/`;
-//! * the query (`?…`) and fragment (`#…`) are not part of the path.
+//! * the query (`?…`) and fragment (`#…`) are not part of the path;
+//! * a segment's `;` parameters are not part of it (`/login;jsessionid=1`
+//!   is `/login`, `/x/..;/login` is `/login`): Tomcat, Jetty and Spring
+//!   strip them before routing, so a rule on `/login` must not be dodged by
+//!   adding one.
 //!
 //! This is for matching only: the upstream sees the request path exactly as
-//! the client sent it. Paths are compared case-sensitively (RFC 3986), and a
-//! `;` parameter is part of its segment (`/login;x` does not meet `/login`).
+//! the client sent it. Paths are compared case-sensitively (RFC 3986).
 
 use std::borrow::Cow;
 
@@ -258,6 +261,8 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
         || decoded == b"..";
     let mut segments: Vec<&[u8]> = Vec::new();
     for segment in decoded.split(|b| *b == b'/') {
+        // Up to its first ';': path parameters are not part of the name.
+        let segment = segment.split(|b| *b == b';').next().unwrap_or_default();
         match segment {
             b"" | b"." => {}
             b".." => {
@@ -290,7 +295,7 @@ fn is_normal(path: &str) -> bool {
     let mut prev = 0u8;
     for (i, &b) in bytes.iter().enumerate() {
         match b {
-            b'%' | b'\\' | b'?' | b'#' => return false,
+            b'%' | b'\\' | b'?' | b'#' | b';' => return false,
             b'/' if prev == b'/' => return false,
             b'.' if prev == b'/' => {
                 // "/." followed by end, '/', or ".": a dot segment.
@@ -352,6 +357,16 @@ mod tests {
         assert_eq!(n(""), "/");
         assert_eq!(n("/.."), "/");
         assert_eq!(n("/"), "/");
+    }
+
+    #[test]
+    fn path_parameters_are_not_part_of_a_segment() {
+        assert_eq!(n("/login;jsessionid=1"), "/login");
+        assert_eq!(n("/x/..;/login"), "/login");
+        assert_eq!(n("/a;b/c;d/"), "/a/c/");
+        assert_eq!(n("/;x/login"), "/login");
+        // An encoded ';' is a character of the name, as upstreams read it.
+        assert_eq!(n("/login%3Bx"), "/login%3Bx");
     }
 
     #[test]

@@ -52,6 +52,8 @@ fn normalised_spellings_select_the_login_rule() {
         "/login%2Fx",
         "/x%2F..%2Flogin",
         "/x\\..\\login",
+        "/login;jsessionid=1",
+        "/x/..;/login",
     ] {
         assert_eq!(
             &*rules.select(&Method::POST, path, None).name,
