@@ -119,11 +119,45 @@ pub(crate) fn parse_cidrs(s: &str) -> Result<Vec<IpNet>, String> {
         .map(|part| {
             part.parse::<IpNet>()
                 .or_else(|_| part.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map(unmap_v4)
                 .map_err(|_| {
                     format!("{part:?} is not a CIDR; expected a comma-separated list such as 10.0.0.0/8, 192.168.1.1, fd00::/8")
                 })
         })
         .collect()
+}
+
+/// `::ffff:a.b.c.d/p` (p >= 96) as the IPv4 network it spells: client
+/// addresses are compared in their IPv4 form (`key::canonical`), so a list
+/// entry written as a dual-stack listener shows IPv4 clients must mean them.
+fn unmap_v4(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod unmap_tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_entries_mean_their_ipv4_networks() {
+        let nets = parse_cidrs("::ffff:203.0.113.7, ::ffff:10.0.0.0/104, 2001:db8::/32").unwrap();
+        assert_eq!(
+            nets,
+            vec![
+                "203.0.113.7/32".parse::<IpNet>().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ]
+        );
+    }
 }
 
 pub(crate) fn parse_redis_url(s: &str) -> Result<(), String> {
