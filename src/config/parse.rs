@@ -142,24 +142,6 @@ fn unmap_v4(net: IpNet) -> IpNet {
     }
 }
 
-#[cfg(test)]
-mod unmap_tests {
-    use super::*;
-
-    #[test]
-    fn ipv4_mapped_entries_mean_their_ipv4_networks() {
-        let nets = parse_cidrs("::ffff:203.0.113.7, ::ffff:10.0.0.0/104, 2001:db8::/32").unwrap();
-        assert_eq!(
-            nets,
-            vec![
-                "203.0.113.7/32".parse::<IpNet>().unwrap(),
-                "10.0.0.0/8".parse().unwrap(),
-                "2001:db8::/32".parse().unwrap(),
-            ]
-        );
-    }
-}
-
 pub(crate) fn parse_redis_url(s: &str) -> Result<(), String> {
     const ACCEPTED: &str = "expected redis://[user:password@]host:port/db or rediss://…";
     let lower = s.to_ascii_lowercase();
@@ -241,5 +223,23 @@ pub(crate) fn file_format(path: &Path) -> Result<FileFormat, String> {
         Some("toml") => Ok(FileFormat::Toml),
         Some("yaml" | "yml") => Ok(FileFormat::Yaml),
         _ => Err("a settings file must end in .toml, .yaml or .yml".into()),
+    }
+}
+
+#[cfg(test)]
+mod unmap_tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_entries_mean_their_ipv4_networks() {
+        let nets = parse_cidrs("::ffff:203.0.113.7, ::ffff:10.0.0.0/104, 2001:db8::/32").unwrap();
+        assert_eq!(
+            nets,
+            vec![
+                "203.0.113.7/32".parse::<IpNet>().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ]
+        );
     }
 }

@@ -34,7 +34,7 @@ use crate::key::Fingerprinter;
 
 pub use algorithm::{ALGORITHM_SYNTAX, Algorithm, Counter, UnknownAlgorithm};
 pub use memory::MemoryBackend;
-pub use rate::{RATE_SYNTAX, Rate, RateError};
+pub use rate::{MAX_PERIOD, RATE_SYNTAX, Rate, RateError};
 pub use redis::{Fallback, RedisBackend, RedisTarget};
 
 // === Limit ===

@@ -36,7 +36,14 @@ pub enum RateError {
     /// backends keep time in.
     #[error("at most 1000000 per second (one per microsecond)")]
     TooFast,
+    /// A period longer than [`MAX_PERIOD`], past which the backends'
+    /// microsecond arithmetic could overflow.
+    #[error("the period may be at most 100 years (36500d)")]
+    PeriodTooLong,
 }
+
+/// The longest period a rate may have: 100 years.
+pub const MAX_PERIOD: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 impl Rate {
     /// `count` per `period`, at most one per microsecond (see
@@ -44,6 +51,9 @@ impl Rate {
     pub fn new(count: NonZeroU32, period: Duration) -> Result<Self, RateError> {
         if period.as_micros() < u128::from(count.get()) {
             return Err(RateError::TooFast);
+        }
+        if period > MAX_PERIOD {
+            return Err(RateError::PeriodTooLong);
         }
         Ok(Rate { count, period })
     }
@@ -114,7 +124,7 @@ impl FromStr for Rate {
         };
         let secs = multiple
             .checked_mul(unit_secs)
-            .ok_or(RateError::PeriodCount)?;
+            .ok_or(RateError::PeriodTooLong)?;
         Rate::new(count, Duration::from_secs(secs))
     }
 }
@@ -174,6 +184,13 @@ mod tests {
         assert_eq!("99999999999/s".parse::<Rate>(), Err(RateError::Count));
         assert_eq!("1000001/s".parse::<Rate>(), Err(RateError::TooFast));
         assert_eq!("10/0s".parse::<Rate>(), Err(RateError::PeriodCount));
+        // 300 million days would overflow the backends' µs arithmetic.
+        assert_eq!(
+            "1/300000000d".parse::<Rate>(),
+            Err(RateError::PeriodTooLong)
+        );
+        assert!("1/36500d".parse::<Rate>().is_ok());
+        assert_eq!("1/36501d".parse::<Rate>(), Err(RateError::PeriodTooLong));
         assert_eq!(
             "10/fortnight".parse::<Rate>(),
             Err(RateError::Unit("fortnight".into()))
