@@ -28,6 +28,7 @@
 //! makes itself comes from [`respond`].
 
 use std::cell::RefCell;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -325,7 +326,14 @@ struct Keys {
 }
 
 impl RateLimit {
-    fn extract(&self, req: &ServiceRequest, rule: &Rule, c: &Compiled) -> Result<Keys, KeyError> {
+    /// The keys of `req`, its client address `addr` already resolved.
+    fn extract(
+        &self,
+        req: &ServiceRequest,
+        addr: Option<IpAddr>,
+        rule: &Rule,
+        c: &Compiled,
+    ) -> Result<Keys, KeyError> {
         let mut keys = Keys {
             keys: SmallVec::new(),
             header_values: SmallVec::new(),
@@ -341,7 +349,7 @@ impl RateLimit {
                 },
                 Source::Spec(spec) => spec,
             };
-            let found = spec.extract_with_values(req, &self.ip)?;
+            let found = spec.extract_at(req, addr, &self.ip)?;
             keys.keys.push(found.key);
             keys.header_values.extend(found.header_values);
         }
@@ -381,7 +389,7 @@ where
                 req.extensions_mut().insert(verdict);
                 return Ok(respond::refuse(req, res));
             }
-            let keys = match config.extract(&req, rule, compiled) {
+            let keys = match config.extract(&req, addr, rule, compiled) {
                 Ok(keys) => keys,
                 Err(err) => {
                     config.metrics.rejected.inc();

@@ -134,14 +134,35 @@ impl KeySpec {
         req: &ServiceRequest,
         ip: &ClientIp,
     ) -> Result<ExtractedKey, KeyError> {
+        self.extract_by(req, ip, || client_addr(req, ip))
+    }
+
+    /// As [`extract_with_values`](Self::extract_with_values) with the
+    /// client address already resolved ([`client_addr`]; `None`: the
+    /// connection has none), so a caller that needed it anyway (for the
+    /// allow and deny lists) does not walk `X-Forwarded-For` twice.
+    pub fn extract_at(
+        &self,
+        req: &ServiceRequest,
+        addr: Option<IpAddr>,
+        ip: &ClientIp,
+    ) -> Result<ExtractedKey, KeyError> {
+        self.extract_by(req, ip, || addr)
+    }
+
+    fn extract_by(
+        &self,
+        req: &ServiceRequest,
+        ip: &ClientIp,
+        resolve: impl Fn() -> Option<IpAddr>,
+    ) -> Result<ExtractedKey, KeyError> {
         let mut header_values = SmallVec::new();
         let mut addr: Option<RateKey> = None;
         let address = |addr: &mut Option<RateKey>| -> Result<RateKey, KeyError> {
             if let Some(key) = addr {
                 return Ok(key.clone());
             }
-            let peer = req.peer_addr().ok_or(KeyError::NoPeerAddress)?.ip();
-            let key = ip.key_for(ip.client_addr(peer, req.headers()));
+            let key = ip.key_for(resolve().ok_or(KeyError::NoPeerAddress)?);
             *addr = Some(key.clone());
             Ok(key)
         };
