@@ -299,6 +299,7 @@ where
         ready(Ok(RateLimitService {
             service: Rc::new(service),
             worker: Rc::new(Worker {
+                gate: RefCell::new(Rc::new(self.gate.load_full())),
                 config: self.clone(),
                 recent: RefCell::default(),
             }),
@@ -315,7 +316,26 @@ pub struct RateLimitService<S> {
 /// One worker's copy of the configuration, and its header memo.
 struct Worker {
     config: RateLimit,
+    /// The rule set this worker last saw: requests hold it by this `Rc`,
+    /// so holding it costs no write to the count every worker shares (the
+    /// extra allocation is made once per reload, not per request).
+    #[allow(clippy::redundant_allocation)]
+    gate: RefCell<Rc<Arc<Gate>>>,
     recent: RefCell<Recent>,
+}
+
+impl Worker {
+    /// The rule set in force, held for a whole request: a reload meanwhile
+    /// does not change the rule it is decided and answered by.
+    #[allow(clippy::redundant_allocation)]
+    fn gate(&self) -> Rc<Arc<Gate>> {
+        let current = self.config.gate.load();
+        let mut cached = self.gate.borrow_mut();
+        if !Arc::ptr_eq(&current, &cached) {
+            *cached = Rc::new(arc_swap::Guard::into_inner(current));
+        }
+        Rc::clone(&cached)
+    }
 }
 
 /// The keys of one request, one per [`Source`] of its rule.
@@ -373,9 +393,7 @@ where
         let service = self.service.clone();
         Box::pin(async move {
             let config = &worker.config;
-            // Held for the whole request: a reload meanwhile does not change
-            // the rule this request is decided and answered by.
-            let gate = config.gate.load_full();
+            let gate = worker.gate();
             let (rule, compiled) = gate.select(&req);
             let global = gate.rules.global();
             let mut verdict = Verdict::new(rule.name.clone(), rule.is_shadow(global));
