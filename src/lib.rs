@@ -82,8 +82,8 @@ pub mod error;
 pub mod headers;
 pub mod key;
 pub mod limiter;
-pub mod metrics;
 pub mod middleware;
+pub mod observe;
 pub mod outage;
 pub mod policy;
 pub mod proxy;
@@ -103,4 +103,4 @@ pub use limiter::{
     Backend, BackendError, Decision, Health, Limit, MemoryBackend, Rate, RateKey, RedisBackend,
 };
 pub use middleware::{FailurePolicy, RateLimit};
-pub use server::admin_probe;
+pub use admin::admin_probe;

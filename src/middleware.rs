@@ -44,7 +44,7 @@ use smallvec::SmallVec;
 use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
 use crate::key::{ClientIp, Fingerprinter, KeyError, KeyExtractor};
 use crate::limiter::{Backend, Check, Decisions, Limit, RateKey};
-use crate::metrics::Metrics;
+use crate::observe::Metrics;
 use crate::outage::OutageLog;
 use crate::policy::{KeySpec, Rule, Rules, client_addr};
 use crate::respond;

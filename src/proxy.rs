@@ -48,7 +48,7 @@ use ipnet::IpNet;
 use crate::error::ProxyError;
 use crate::headers::tokens;
 use crate::key::{ClientIp, canonical};
-use crate::metrics::Metrics;
+use crate::observe::Metrics;
 use crate::outage::OutageLog;
 
 use body::{BodyError, Progress, RequestBody};

@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use actix_web::dev::{Extensions, Server, ServerHandle};
 use actix_web::http::KeepAlive;
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpServer};
 use anyhow::Context as _;
 
-use crate::admin::{LastReload, ReloadStatus};
+use crate::admin::{self, Admin, LastReload, ReloadStatus};
 use crate::key::{ClientIp, Fingerprinter};
-use crate::limiter::{Backend, Fallback, Health, MemoryBackend, RedisBackend, RedisTarget};
-use crate::metrics::Metrics;
+use crate::limiter::{Backend, Fallback, MemoryBackend, RedisBackend, RedisTarget};
+use crate::observe::Metrics;
 use crate::middleware::{FailurePolicy, RateLimit};
 use crate::proxy::{self, Upstream};
 use crate::settings::{BackendKind, Settings, redact_url};
@@ -60,6 +60,18 @@ pub struct Floodgate {
 }
 
 impl Floodgate {
+    /// The parts the admin listener reads.
+    pub fn admin(&self) -> Admin {
+        Admin {
+            backend: self.backend.clone(),
+            rate_limit: self.rate_limit.clone(),
+            metrics: self.metrics.clone(),
+            last_reload: self.last_reload.clone(),
+            fingerprints: self.fingerprints.clone(),
+            draining: self.draining.clone(),
+        }
+    }
+
     /// Builds the backend the settings ask for.
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         if let Some(everyone) = settings
@@ -383,15 +395,8 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
     .with_context(|| format!("serving on {addr}"))?
     .run();
 
-    let admin_state = web::Data::new(floodgate.clone());
-    let admin = HttpServer::new(move || {
-        App::new()
-            .app_data(admin_state.clone())
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(metrics))
-            .route("/rules", web::get().to(rules))
-    })
+    let admin = admin::configure(floodgate.admin());
+    let admin = HttpServer::new(move || App::new().configure(admin.clone()))
     .workers(1)
     .client_request_timeout(settings.client_timeout)
     .shutdown_timeout(1)
@@ -507,82 +512,6 @@ impl Signals {
             None => std::future::pending().await,
         }
     }
-}
-
-// === admin endpoints ===
-
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain").body("ok\n")
-}
-
-async fn readyz(floodgate: web::Data<Floodgate>) -> HttpResponse {
-    if floodgate.draining.load(Ordering::SeqCst) {
-        return HttpResponse::ServiceUnavailable()
-            .content_type("text/plain")
-            .body("draining\n");
-    }
-    let kind = floodgate.backend.kind();
-    match floodgate.backend.health() {
-        Health::Up => HttpResponse::Ok()
-            .content_type("text/plain")
-            .body(format!("ready: {kind} backend\n")),
-        Health::Degraded(note) => HttpResponse::Ok()
-            .content_type("text/plain")
-            .body(format!("ready, degraded: {kind} backend: {note}\n")),
-        Health::Down(note) => HttpResponse::ServiceUnavailable()
-            .content_type("text/plain")
-            .body(format!("not ready: {kind} backend: {note}\n")),
-    }
-}
-
-async fn rules(floodgate: web::Data<Floodgate>) -> HttpResponse {
-    let doc = crate::admin::rules_json(
-        &floodgate.rate_limit.rules(),
-        &floodgate.last_reload.get(),
-        &floodgate.fingerprints,
-    );
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .body(format!("{doc:#}\n"))
-}
-
-async fn metrics(floodgate: web::Data<Floodgate>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(floodgate.metrics.render())
-}
-
-/// `GET path` on a local admin listener, blocking, with short timeouts.
-/// Returns the status code. A wildcard address (`0.0.0.0`, `[::]`) is probed
-/// on loopback.
-pub fn admin_probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
-    use std::io::{Read, Write};
-    let mut addr = addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let timeout = Duration::from_secs(2);
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut head = [0u8; 64];
-    let mut len = 0;
-    while len < 12 {
-        match stream.read(&mut head[len..])? {
-            0 => break,
-            n => len += n,
-        }
-    }
-    std::str::from_utf8(&head[..len])
-        .ok()
-        .and_then(|h| h.strip_prefix("HTTP/1."))
-        .and_then(|h| h.get(2..5))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
 }
 
 #[cfg(test)]

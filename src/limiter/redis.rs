@@ -102,7 +102,7 @@ use super::{
     MemoryBackend, RateKey,
 };
 use crate::key::Fingerprinter;
-use crate::metrics::Metrics;
+use crate::observe::Metrics;
 use crate::settings::redact_url;
 
 /// How often the probe tries again when Redis refuses or drops the

@@ -1,4 +1,4 @@
-//! `GET /rules` on the admin listener: the rules in force, as JSON, and the
+//! `GET /rules`: the rules in force, as JSON, and the
 //! outcome of the last reload.
 //!
 //! ```json
