@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use crate::admin::{self, Admin, LastReload, ReloadStatus};
 use crate::key::{ClientIp, Fingerprinter};
 use crate::limiter::{Backend, Fallback, MemoryBackend, RedisBackend, RedisTarget};
-use crate::observe::Metrics;
+use crate::observe::{Metrics, Observe};
 use crate::middleware::{FailurePolicy, RateLimit};
 use crate::proxy::{self, Upstream};
 use crate::settings::{BackendKind, Settings, redact_url};
@@ -374,10 +374,13 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
     let upstream = floodgate.upstream.clone();
     // Outermost: an oversize body is refused before it is charged.
     let max_body = proxy::MaxBody::new(settings.max_body);
+    // Outside that: every answer is observed, a 413 included.
+    let observe = Observe::new(floodgate.metrics.clone());
     let main = HttpServer::new(move || {
         App::new()
             .wrap(rate_limit.clone())
             .wrap(max_body)
+            .wrap(observe.clone())
             .configure(proxy::configure(upstream.clone()))
     })
     .on_connect(client_on_connect(

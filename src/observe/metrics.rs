@@ -90,6 +90,11 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// Records one answered request (see [`Observe`](super::Observe)).
+    /// Decisions are counted where they are made; this is where what only
+    /// the finished exchange knows will be recorded.
+    pub fn answered(&self, _exchange: &super::Exchange<'_>) {}
+
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(1024);
