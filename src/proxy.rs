@@ -35,7 +35,7 @@ pub use max_body::{MaxBody, MaxBodyService};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::body::{BodyStream, BoxBody, SizedStream};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -48,7 +48,7 @@ use ipnet::IpNet;
 use crate::error::ProxyError;
 use crate::headers::tokens;
 use crate::key::{ClientIp, canonical};
-use crate::observe::Metrics;
+use crate::observe::{Metrics, UpstreamTiming};
 use crate::outage::OutageLog;
 
 use body::{BodyError, Progress, RequestBody};
@@ -335,6 +335,7 @@ pub async fn forward(
     };
     // The answer's headers go straight into the (pooled) response head.
     let mut res = HttpResponse::new(StatusCode::OK);
+    let sent = Instant::now();
     let exchange = forwarder
         .client
         .exchange(method, write_head, body, timeout, res.headers_mut());
@@ -342,6 +343,9 @@ pub async fn forward(
         .await
         .map_err(|e| upstream.count(exchange_error(e, timeout)))?;
     upstream.outage.recovered();
+    res.extensions_mut().insert(UpstreamTiming {
+        first_byte: sent.elapsed(),
+    });
     match tunnel {
         Some(payload) if websocket && answer.status == StatusCode::SWITCHING_PROTOCOLS => {
             websocket::join(
