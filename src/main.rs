@@ -102,7 +102,7 @@ fn init_logging(format: LogFormat) {
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if format == LogFormat::Json {
-        builder.format(|buf, record| log_format::write_json_record(buf, record));
+        builder.format(log_format::write_json_record);
     }
     builder.init();
 }
