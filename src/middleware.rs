@@ -479,7 +479,9 @@ where
                     log::debug!(
                         "limited rule={} key={} retry_after={:?}",
                         verdict.rule,
-                        verdict.key.as_ref().map_or(RateKey::global(), Clone::clone),
+                        verdict
+                            .key_fingerprint(&config.fingerprints)
+                            .unwrap_or_default(),
                         verdict.retry_after()
                     );
                     let res = respond::too_many_requests(
@@ -534,13 +536,20 @@ where
 {
     config.metrics.backend_errors.inc();
     verdict.outcome = Outcome::Undecided;
-    let key = verdict.key.clone().unwrap_or_else(RateKey::global);
+    // As the access log and Redis show it: a header key only as its
+    // fingerprint.
+    let key = || {
+        verdict
+            .key_fingerprint(&config.fingerprints)
+            .unwrap_or_default()
+    };
     match config.on_backend_error {
         FailurePolicy::Open => {
             config.outage.record("let through unlimited", &err);
             log::debug!(
-                "{} backend failed, letting key={key} through: {err}",
-                config.backend.kind()
+                "{} backend failed, letting key={} through: {err}",
+                config.backend.kind(),
+                key()
             );
             verdict.decided_by = DecidedBy::FailOpen;
             req.extensions_mut().insert(verdict);
@@ -549,8 +558,9 @@ where
         FailurePolicy::Closed => {
             config.outage.record("answered 503", &err);
             log::debug!(
-                "{} backend failed, refusing key={key}: {err}",
-                config.backend.kind()
+                "{} backend failed, refusing key={}: {err}",
+                config.backend.kind(),
+                key()
             );
             verdict.decided_by = DecidedBy::FailClosed;
             req.extensions_mut().insert(verdict);

@@ -21,8 +21,8 @@ use anyhow::Context as _;
 use crate::admin::{self, Admin, LastReload, ReloadStatus};
 use crate::key::{ClientIp, Fingerprinter};
 use crate::limiter::{Backend, Fallback, MemoryBackend, RedisBackend, RedisTarget};
-use crate::observe::{Metrics, Observe};
 use crate::middleware::{FailurePolicy, RateLimit};
+use crate::observe::{AccessLog, Metrics, Observe};
 use crate::proxy::{self, Upstream};
 use crate::settings::{BackendKind, Settings, redact_url};
 
@@ -56,6 +56,8 @@ pub struct Floodgate {
     /// Fingerprints of keys, as Redis key names carry them (scoped by the
     /// Redis prefix): logs and `/rules` show secrets only this way.
     pub fingerprints: Fingerprinter,
+    /// The access log on stdout (`FLOODGATE_ACCESS_LOG`), if it is on.
+    pub access_log: Option<AccessLog>,
     draining: Arc<AtomicBool>,
 }
 
@@ -142,6 +144,11 @@ impl Floodgate {
                 Fallback::Open | Fallback::Local => FailurePolicy::Open,
             })
             .metrics(metrics.clone());
+        let access_log = settings
+            .access_log
+            .map(|format| AccessLog::stdout(format, fingerprints.clone(), client_ip(&settings)))
+            .transpose()
+            .context("FLOODGATE_ACCESS_LOG: starting the access-log writer")?;
         Ok(Floodgate {
             settings,
             backend,
@@ -150,6 +157,7 @@ impl Floodgate {
             metrics,
             last_reload: Arc::default(),
             fingerprints,
+            access_log,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -375,7 +383,7 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
     // Outermost: an oversize body is refused before it is charged.
     let max_body = proxy::MaxBody::new(settings.max_body);
     // Outside that: every answer is observed, a 413 included.
-    let observe = Observe::new(floodgate.metrics.clone());
+    let observe = Observe::new(floodgate.metrics.clone()).access_log(floodgate.access_log.clone());
     let main = HttpServer::new(move || {
         App::new()
             .wrap(rate_limit.clone())
@@ -400,13 +408,13 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
 
     let admin = admin::configure(floodgate.admin());
     let admin = HttpServer::new(move || App::new().configure(admin.clone()))
-    .workers(1)
-    .client_request_timeout(settings.client_timeout)
-    .shutdown_timeout(1)
-    .disable_signals()
-    .listen(listeners.admin)
-    .with_context(|| format!("serving admin on {admin_addr}"))?
-    .run();
+        .workers(1)
+        .client_request_timeout(settings.client_timeout)
+        .shutdown_timeout(1)
+        .disable_signals()
+        .listen(listeners.admin)
+        .with_context(|| format!("serving admin on {admin_addr}"))?
+        .run();
 
     // `Backend::start` runs when the first worker builds its middleware.
     let backend = floodgate.backend.clone();

@@ -121,4 +121,3 @@ pub fn admin_probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
 }
-

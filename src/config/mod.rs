@@ -23,6 +23,7 @@ use ipnet::IpNet;
 
 use crate::headers::HeaderStyle;
 use crate::limiter::{Fallback, Limit};
+use crate::observe::LogFormat;
 use crate::policy::{KeySpec, Rules};
 use crate::proxy::HostHeader;
 
@@ -78,6 +79,8 @@ pub const KEYS: &[&str] = &[
     "send_timeout",
     "websocket_idle_timeout",
     "max_connections",
+    "access_log",
+    "log_format",
 ];
 
 /// Keys only a settings file may hold (tables, not environment values).
@@ -258,6 +261,12 @@ pub struct Static {
     /// new connections wait in the kernel's listen queue. The admin listener
     /// is not counted.
     pub max_connections: usize,
+    /// `FLOODGATE_ACCESS_LOG`, default `off`: a line per client request on
+    /// stdout, in this format (`text` or `json`); `None`: no access log.
+    pub access_log: Option<LogFormat>,
+    /// `FLOODGATE_LOG_FORMAT`, default `text`: how floodgate's own log lines
+    /// on stderr are spelled (`text` or `json`).
+    pub log_format: LogFormat,
     /// The settings file that was read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -519,6 +528,12 @@ impl Settings {
         }
         if global.shadow {
             line.push_str(" shadow=true");
+        }
+        if let Some(format) = self.access_log {
+            line.push_str(&format!(" access_log={format}"));
+        }
+        if self.log_format != LogFormat::Text {
+            line.push_str(&format!(" log_format={}", self.log_format));
         }
         let rules: Vec<&str> = self.policy.rules.rules().map(|r| &*r.name).collect();
         if !rules.is_empty() {

@@ -17,6 +17,8 @@ use super::{
 };
 use crate::headers::HeaderStyle;
 use crate::limiter::{ALGORITHM_SYNTAX, Algorithm, Fallback};
+use crate::observe::LogFormat;
+use crate::observe::log_format::LOG_FORMAT_SYNTAX;
 use crate::policy::{DEFAULT_RULE, Lists, Rule, Rules};
 use crate::proxy::{HostHeader, Upstream};
 
@@ -228,6 +230,17 @@ impl<'a> Raw<'a> {
                 "expected a whole number from 1 to {MAX_CONNECTIONS_LIMIT}"
             )),
         });
+        let access_log = self.required("access_log", |s| {
+            match s.trim().to_ascii_lowercase().as_str() {
+                "off" => Ok(None),
+                other => LogFormat::from_str(other)
+                    .map(Some)
+                    .map_err(|()| "expected off, text or json".into()),
+            }
+        });
+        let log_format = self.required("log_format", |s| {
+            LogFormat::from_str(s).map_err(|()| format!("expected {LOG_FORMAT_SYNTAX}"))
+        });
 
         Some(Settings {
             startup: Static {
@@ -256,6 +269,8 @@ impl<'a> Raw<'a> {
                 send_timeout: send_timeout?,
                 websocket_idle_timeout: websocket_idle_timeout?,
                 max_connections: max_connections?,
+                access_log: access_log?,
+                log_format: log_format?,
                 config_file,
             },
             policy: Policy { rules: rules? },

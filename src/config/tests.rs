@@ -39,6 +39,44 @@ fn defaults_are_the_documented_ones() {
     assert!(s.workers >= 1);
     assert_eq!(s.host_header, HostHeader::Client);
     assert!(!s.upstream_reuse_after_body);
+    assert_eq!(s.access_log, None);
+    assert_eq!(s.log_format, LogFormat::Text);
+}
+
+#[test]
+fn log_formats_are_read_and_bad_ones_named() {
+    let s = load(&[
+        ("FLOODGATE_ACCESS_LOG", "JSON"),
+        ("FLOODGATE_LOG_FORMAT", "json"),
+    ])
+    .unwrap();
+    assert_eq!(s.access_log, Some(LogFormat::Json));
+    assert_eq!(s.log_format, LogFormat::Json);
+    assert!(
+        s.summary().ends_with(" access_log=json log_format=json"),
+        "{}",
+        s.summary()
+    );
+    let s = load(&[("FLOODGATE_ACCESS_LOG", "text")]).unwrap();
+    assert_eq!(s.access_log, Some(LogFormat::Text));
+    assert_eq!(
+        load(&[("FLOODGATE_ACCESS_LOG", "off")]).unwrap().access_log,
+        None
+    );
+    assert!(!Settings::default().summary().contains("log"));
+
+    let err = load(&[
+        ("FLOODGATE_ACCESS_LOG", "yes"),
+        ("FLOODGATE_LOG_FORMAT", "xml"),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        err.problems,
+        [
+            "FLOODGATE_ACCESS_LOG=\"yes\": expected off, text or json",
+            "FLOODGATE_LOG_FORMAT=\"xml\": expected text or json",
+        ]
+    );
 }
 
 #[test]

@@ -1,11 +1,15 @@
 //! What floodgate shows of what it decides: metrics (`/metrics` on the
-//! admin listener) and, later, the access log.
+//! admin listener) and the access log (stdout, [`access_log`]).
 //!
-//! Every part that records is handed its [`Metrics`] at construction; none
-//! is global.
+//! Every part that records is handed its [`Metrics`] and [`AccessLog`] at
+//! construction; none is global.
 
+pub mod access_log;
+pub mod log_format;
 pub mod metrics;
 
+pub use access_log::AccessLog;
+pub use log_format::LogFormat;
 pub use metrics::Metrics;
 
 use std::rc::Rc;
@@ -14,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use actix_web::Error;
 use actix_web::HttpMessage;
-use actix_web::body::MessageBody;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
 use actix_web::http::StatusCode;
 use futures_util::future::{LocalBoxFuture, Ready, ready};
 
 use crate::verdict::Verdict;
+use access_log::{Logged, WorkerLog};
 
 /// How long the upstream took to answer one request: the forwarder puts it
 /// in the response's extensions, so the observers can read it.
@@ -47,17 +52,28 @@ pub struct Exchange<'a> {
 
 /// The outermost middleware of the client listener: reads each request's
 /// [`Verdict`] and response once the answer is ready, and hands them to the
-/// observers (metrics). Wrap it last, so it times every answer, `403`,
-/// `413` and `429` included.
+/// observers (metrics, and the access log when there is one). Wrap it last,
+/// so it times every answer, `403`, `413` and `429` included.
 #[derive(Clone)]
 pub struct Observe {
     metrics: Arc<Metrics>,
+    access_log: Option<AccessLog>,
 }
 
 impl Observe {
-    /// Observes into `metrics`.
+    /// Observes into `metrics`, with no access log.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Observe { metrics }
+        Observe {
+            metrics,
+            access_log: None,
+        }
+    }
+
+    /// Writes a line per request to `log` (none: no access log, and nothing
+    /// extra done per request).
+    pub fn access_log(mut self, log: Option<AccessLog>) -> Self {
+        self.access_log = log;
+        self
     }
 }
 
@@ -66,7 +82,7 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
     B: MessageBody + 'static,
 {
-    type Response = ServiceResponse<B>;
+    type Response = ServiceResponse<EitherBody<B, Logged<B>>>;
     type Error = Error;
     type Transform = ObserveService<S>;
     type InitError = ();
@@ -75,7 +91,13 @@ where
     fn new_transform(&self, service: S) -> Self::Future {
         ready(Ok(ObserveService {
             service: Rc::new(service),
-            observe: self.clone(),
+            access_log: self.access_log.as_ref().map(AccessLog::worker),
+            // The worker's buffer holds the access log; a request's copy of
+            // `Observe` need not (one shared reference count fewer to write).
+            observe: Observe {
+                access_log: None,
+                ..self.clone()
+            },
         }))
     }
 }
@@ -84,6 +106,8 @@ where
 pub struct ObserveService<S> {
     service: Rc<S>,
     observe: Observe,
+    /// This worker's access-log buffer, when there is an access log.
+    access_log: Option<Rc<WorkerLog>>,
 }
 
 impl<S, B> Service<ServiceRequest> for ObserveService<S>
@@ -91,7 +115,7 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
     B: MessageBody + 'static,
 {
-    type Response = ServiceResponse<B>;
+    type Response = ServiceResponse<EitherBody<B, Logged<B>>>;
     type Error = Error;
     type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -101,6 +125,7 @@ where
         let started = Instant::now();
         let service = self.service.clone();
         let observe = self.observe.clone();
+        let access_log = self.access_log.clone();
         Box::pin(async move {
             let res = service.call(req).await?;
             let extensions = res.request().extensions();
@@ -111,8 +136,15 @@ where
                 upstream: res.response().extensions().get::<UpstreamTiming>().copied(),
             };
             observe.metrics.answered(&exchange);
+            let upstream = exchange.upstream;
             drop(extensions);
-            Ok(res)
+            Ok(match access_log {
+                None => res.map_into_left_body(),
+                Some(log) => {
+                    let pending = log.start(res.request().clone(), res.status(), started, upstream);
+                    res.map_body(|_, body| EitherBody::right(Logged::new(body, pending)))
+                }
+            })
         })
     }
 }

@@ -188,12 +188,22 @@ impl Binary {
     /// `floodgate` with `env` (plus listen/admin on free ports), waiting
     /// until `/healthz` answers.
     pub fn start(env: &[(&str, &str)]) -> Binary {
+        Self::start_with_stdout(env, Stdio::null())
+    }
+
+    /// As [`start`](Self::start), keeping stdout (the access log) for
+    /// [`stop_and_output`](Self::stop_and_output).
+    pub fn start_capturing(env: &[(&str, &str)]) -> Binary {
+        Self::start_with_stdout(env, Stdio::piped())
+    }
+
+    fn start_with_stdout(env: &[(&str, &str)], stdout: Stdio) -> Binary {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Self::command(env);
         cmd.env("FLOODGATE_LISTEN", addr.to_string())
             .env("FLOODGATE_ADMIN_LISTEN", admin.to_string())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped());
         let child = cmd.spawn().expect("spawning the floodgate binary");
         let mut binary = Binary { child, addr, admin };
@@ -266,6 +276,20 @@ impl Binary {
             let _ = err.read_to_string(&mut out);
         }
         out
+    }
+
+    /// Stops the process with SIGTERM (killing it past [`super::patience`])
+    /// and returns its exit status, stdout and stderr. Both are read only
+    /// once it has exited, so it suits output smaller than a pipe holds
+    /// (64 KiB).
+    pub fn stop_and_output(&mut self) -> (Option<std::process::ExitStatus>, String, String) {
+        self.signal("TERM");
+        let status = self.wait_exit(super::patience());
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            let _ = stdout.read_to_string(&mut out);
+        }
+        (status, out, self.stderr())
     }
 
     /// Resident memory high-water mark (VmHWM) in KiB.
