@@ -2,7 +2,7 @@
 //!
 //! The middleware builds a [`Verdict`] for every request it sees and puts it
 //! in the request's extensions before answering or forwarding. It is the one
-//! thing the rate-limit headers, the `429` body, the metrics and (later) the
+//! thing the rate-limit headers, the `429` body, the metrics and the
 //! access log read, so they can never disagree about a request.
 //!
 //! ```
