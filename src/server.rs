@@ -21,8 +21,8 @@ use anyhow::Context as _;
 use crate::admin::{self, Admin, LastReload, ReloadStatus};
 use crate::key::{ClientIp, Fingerprinter};
 use crate::limiter::{Backend, Fallback, MemoryBackend, RedisBackend, RedisTarget};
-use crate::observe::{Metrics, Observe};
 use crate::middleware::{FailurePolicy, RateLimit};
+use crate::observe::{Board, Metrics, Observe};
 use crate::proxy::{self, Upstream};
 use crate::settings::{BackendKind, Settings, redact_url};
 
@@ -56,6 +56,9 @@ pub struct Floodgate {
     /// Fingerprints of keys, as Redis key names carry them (scoped by the
     /// Redis prefix): logs and `/rules` show secrets only this way.
     pub fingerprints: Fingerprinter,
+    /// The status page's live counters, fed by [`Observe`] on the client
+    /// listener and read by the admin listener.
+    pub board: Arc<Board>,
     draining: Arc<AtomicBool>,
 }
 
@@ -69,6 +72,8 @@ impl Floodgate {
             last_reload: self.last_reload.clone(),
             fingerprints: self.fingerprints.clone(),
             draining: self.draining.clone(),
+            board: self.board.clone(),
+            redis_failure: self.settings.redis.failure,
         }
     }
 
@@ -133,6 +138,7 @@ impl Floodgate {
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
         let fingerprints = Fingerprinter::new(settings.redis.prefix.as_bytes());
+        let board = Arc::new(Board::new(fingerprints.clone(), client_ip(&settings)));
         let rate_limit = RateLimit::from_rules(backend.clone(), settings.policy.rules.clone())
             .client_ip(client_ip(&settings))
             .fingerprints(fingerprints.clone())
@@ -150,6 +156,7 @@ impl Floodgate {
             metrics,
             last_reload: Arc::default(),
             fingerprints,
+            board,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -375,7 +382,7 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
     // Outermost: an oversize body is refused before it is charged.
     let max_body = proxy::MaxBody::new(settings.max_body);
     // Outside that: every answer is observed, a 413 included.
-    let observe = Observe::new(floodgate.metrics.clone());
+    let observe = Observe::new(floodgate.metrics.clone(), floodgate.board.clone());
     let main = HttpServer::new(move || {
         App::new()
             .wrap(rate_limit.clone())
@@ -400,13 +407,13 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
 
     let admin = admin::configure(floodgate.admin());
     let admin = HttpServer::new(move || App::new().configure(admin.clone()))
-    .workers(1)
-    .client_request_timeout(settings.client_timeout)
-    .shutdown_timeout(1)
-    .disable_signals()
-    .listen(listeners.admin)
-    .with_context(|| format!("serving admin on {admin_addr}"))?
-    .run();
+        .workers(1)
+        .client_request_timeout(settings.client_timeout)
+        .shutdown_timeout(1)
+        .disable_signals()
+        .listen(listeners.admin)
+        .with_context(|| format!("serving admin on {admin_addr}"))?
+        .run();
 
     // `Backend::start` runs when the first worker builds its middleware.
     let backend = floodgate.backend.clone();

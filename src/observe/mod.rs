@@ -1,11 +1,13 @@
 //! What floodgate shows of what it decides: metrics (`/metrics` on the
-//! admin listener) and, later, the access log.
+//! admin listener), the status page's [`Board`] and, later, the access log.
 //!
-//! Every part that records is handed its [`Metrics`] at construction; none
-//! is global.
+//! Every part that records is handed its [`Metrics`] and [`Board`] at
+//! construction; none is global.
 
+pub mod board;
 pub mod metrics;
 
+pub use board::Board;
 pub use metrics::Metrics;
 
 use std::rc::Rc;
@@ -47,17 +49,18 @@ pub struct Exchange<'a> {
 
 /// The outermost middleware of the client listener: reads each request's
 /// [`Verdict`] and response once the answer is ready, and hands them to the
-/// observers (metrics). Wrap it last, so it times every answer, `403`,
-/// `413` and `429` included.
+/// observers (metrics, the status page's board). Wrap it last, so it times
+/// every answer, `403`, `413` and `429` included.
 #[derive(Clone)]
 pub struct Observe {
     metrics: Arc<Metrics>,
+    board: Arc<Board>,
 }
 
 impl Observe {
-    /// Observes into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Observe { metrics }
+    /// Observes into `metrics` and `board`.
+    pub fn new(metrics: Arc<Metrics>, board: Arc<Board>) -> Self {
+        Observe { metrics, board }
     }
 }
 
@@ -111,6 +114,9 @@ where
                 upstream: res.response().extensions().get::<UpstreamTiming>().copied(),
             };
             observe.metrics.answered(&exchange);
+            observe
+                .board
+                .record(&exchange, res.request(), started + exchange.elapsed);
             drop(extensions);
             Ok(res)
         })
