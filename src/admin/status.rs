@@ -167,7 +167,7 @@ pub fn status_json(admin: &Admin, now: Instant) -> Value {
         Health::Down(note) => ("down", Some(note)),
     };
     // The failure policy applies only where there is a store to fail.
-    let failure_policy = (kind == "redis").then(|| match admin.redis_failure {
+    let failure_policy = (kind == "redis").then_some(match admin.redis_failure {
         Fallback::Local => "local",
         Fallback::Open => "open",
         Fallback::Closed => "closed",

@@ -739,7 +739,7 @@ mod tests {
         assert!(first.limited >= 1000, "{first:?}");
         assert!(first.limited - first.error <= 1000, "{first:?}");
         let mut sorted = snap.top_limited.clone();
-        sorted.sort_by(|a, b| b.limited.cmp(&a.limited));
+        sorted.sort_by_key(|c| std::cmp::Reverse(c.limited));
         assert_eq!(sorted, snap.top_limited, "most refused first");
     }
 
