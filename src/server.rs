@@ -22,7 +22,7 @@ use crate::admin::{self, Admin, LastReload, ReloadStatus};
 use crate::key::{ClientIp, Fingerprinter};
 use crate::limiter::{Backend, Fallback, MemoryBackend, RedisBackend, RedisTarget};
 use crate::middleware::{FailurePolicy, RateLimit};
-use crate::observe::{AccessLog, Metrics, Observe};
+use crate::observe::{AccessLog, Board, Metrics, Observe};
 use crate::proxy::{self, Upstream};
 use crate::settings::{BackendKind, Settings, redact_url};
 
@@ -58,6 +58,9 @@ pub struct Floodgate {
     pub fingerprints: Fingerprinter,
     /// The access log on stdout (`FLOODGATE_ACCESS_LOG`), if it is on.
     pub access_log: Option<AccessLog>,
+    /// The status page's live counters, fed by [`Observe`] on the client
+    /// listener and read by the admin listener.
+    pub board: Arc<Board>,
     draining: Arc<AtomicBool>,
 }
 
@@ -71,6 +74,8 @@ impl Floodgate {
             last_reload: self.last_reload.clone(),
             fingerprints: self.fingerprints.clone(),
             draining: self.draining.clone(),
+            board: self.board.clone(),
+            redis_failure: self.settings.redis.failure,
         }
     }
 
@@ -135,6 +140,7 @@ impl Floodgate {
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
         let fingerprints = Fingerprinter::new(settings.redis.prefix.as_bytes());
+        let board = Arc::new(Board::new(fingerprints.clone(), client_ip(&settings)));
         let rate_limit = RateLimit::from_rules(backend.clone(), settings.policy.rules.clone())
             .client_ip(client_ip(&settings))
             .fingerprints(fingerprints.clone())
@@ -158,6 +164,7 @@ impl Floodgate {
             last_reload: Arc::default(),
             fingerprints,
             access_log,
+            board,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -383,7 +390,8 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
     // Outermost: an oversize body is refused before it is charged.
     let max_body = proxy::MaxBody::new(settings.max_body);
     // Outside that: every answer is observed, a 413 included.
-    let observe = Observe::new(floodgate.metrics.clone()).access_log(floodgate.access_log.clone());
+    let observe = Observe::new(floodgate.metrics.clone(), floodgate.board.clone())
+        .access_log(floodgate.access_log.clone());
     let main = HttpServer::new(move || {
         App::new()
             .wrap(rate_limit.clone())

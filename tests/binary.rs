@@ -217,10 +217,13 @@ fn admin_endpoints_answer_and_count_decisions() {
     assert_eq!(readyz.status, 200);
     assert!(readyz.text().contains("memory"), "{}", readyz.text());
     assert_eq!(
-        get(fg.admin, "/").status,
+        get(fg.admin, "/anything").status,
         404,
         "the admin listener forwards nothing"
     );
+    let page = get(fg.admin, "/");
+    assert_eq!(page.status, 200, "/ is the status page");
+    assert!(page.text().contains("floodgate status"), "{}", page.text());
 
     // The client port has no admin pages: these are forwarded and counted.
     let res = get(fg.addr, "/healthz");

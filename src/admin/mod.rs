@@ -1,22 +1,25 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics` and `/rules`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/rules` and the
+//! status page (`/` and `/status.json`, see [`status`]).
 //!
 //! It is a separate server on `FLOODGATE_ADMIN_LISTEN`, so client traffic
 //! can never reach it. [`Admin`] holds the parts its endpoints read, handed
 //! over at construction; [`configure`] adds the endpoints to an `App`.
 
 pub mod rules;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use actix_web::middleware::from_fn;
 use actix_web::{HttpResponse, web};
 
 use crate::key::Fingerprinter;
-use crate::limiter::{Backend, Health};
+use crate::limiter::{Backend, Fallback, Health};
 use crate::middleware::RateLimit;
-use crate::observe::Metrics;
+use crate::observe::{Board, Metrics};
 
 pub use rules::{LastReload, ReloadStatus};
 
@@ -35,6 +38,11 @@ pub struct Admin {
     pub fingerprints: Fingerprinter,
     /// Set once shutdown begins: `/readyz` answers 503.
     pub draining: Arc<AtomicBool>,
+    /// The status page's live counters.
+    pub board: Arc<Board>,
+    /// What Redis failures do (`FLOODGATE_REDIS_FAILURE`), for the status
+    /// page; unused by the memory backend.
+    pub redis_failure: Fallback,
 }
 
 /// Adds the admin endpoints for `admin` to an `App`.
@@ -45,7 +53,14 @@ pub fn configure(admin: Admin) -> impl Fn(&mut web::ServiceConfig) + Clone {
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics))
-            .route("/rules", web::get().to(rules));
+            .route("/rules", web::get().to(rules))
+            // Last: this scope's empty prefix would otherwise take every
+            // path. Its guard is the one line that decides who sees the page.
+            .service(
+                web::scope("")
+                    .wrap(from_fn(status::loopback_only))
+                    .configure(status::routes),
+            );
     }
 }
 

@@ -1,14 +1,17 @@
 //! What floodgate shows of what it decides: metrics (`/metrics` on the
-//! admin listener) and the access log (stdout, [`access_log`]).
+//! admin listener), the status page's [`Board`] and the access log (stdout,
+//! [`access_log`]).
 //!
-//! Every part that records is handed its [`Metrics`] and [`AccessLog`] at
-//! construction; none is global.
+//! Every part that records is handed its [`Metrics`], [`Board`] and
+//! [`AccessLog`] at construction; none is global.
 
 pub mod access_log;
+pub mod board;
 pub mod log_format;
 pub mod metrics;
 
 pub use access_log::AccessLog;
+pub use board::Board;
 pub use log_format::LogFormat;
 pub use metrics::Metrics;
 
@@ -52,19 +55,22 @@ pub struct Exchange<'a> {
 
 /// The outermost middleware of the client listener: reads each request's
 /// [`Verdict`] and response once the answer is ready, and hands them to the
-/// observers (metrics, and the access log when there is one). Wrap it last,
-/// so it times every answer, `403`, `413` and `429` included.
+/// observers (metrics, the status page's board, and the access log when there
+/// is one). Wrap it last, so it times every answer, `403`, `413` and `429`
+/// included.
 #[derive(Clone)]
 pub struct Observe {
     metrics: Arc<Metrics>,
+    board: Arc<Board>,
     access_log: Option<AccessLog>,
 }
 
 impl Observe {
-    /// Observes into `metrics`, with no access log.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    /// Observes into `metrics` and `board`, with no access log.
+    pub fn new(metrics: Arc<Metrics>, board: Arc<Board>) -> Self {
         Observe {
             metrics,
+            board,
             access_log: None,
         }
     }
@@ -136,6 +142,9 @@ where
                 upstream: res.response().extensions().get::<UpstreamTiming>().copied(),
             };
             observe.metrics.answered(&exchange);
+            observe
+                .board
+                .record(&exchange, res.request(), started + exchange.elapsed);
             let upstream = exchange.upstream;
             drop(extensions);
             Ok(match access_log {

@@ -1,0 +1,769 @@
+//! The status page's live numbers: what each rule decided, second by second
+//! over the last few minutes, and which clients were refused most.
+//!
+//! [`Observe`](super::Observe) hands every answered request to
+//! [`Board::record`]; the admin listener reads a [`Snapshot`] for
+//! `GET /status.json`. Two structures, each bounded whatever the traffic:
+//!
+//! - **Per-rule counts.** Each rule seen gets a slot (at most
+//!   [`MAX_RULES`]; later names share one overflow slot) holding its totals
+//!   since start and a ring of one-second buckets for allowed and limited
+//!   requests. Recording is lock-free and allocation-free: a linear scan of
+//!   the few slots (the rule's name is usually the same `Arc` as last time),
+//!   one atomic add into the totals and one compare-and-swap into the
+//!   current bucket. A slot is created once per new rule name, under a
+//!   mutex that requests for known rules never touch.
+//! - **Most limited clients.** A space-saving top-k (Metwally, Agrawal and
+//!   El Abbadi, 2005) per minute, for the last [`TOP_MINUTES`] minutes: at
+//!   most [`TOP_CAPACITY`] clients per minute, so memory is bounded however
+//!   many clients are refused. It sits behind a short mutex taken only for
+//!   refusals (`429`), which are not the hot path: an allowed request never
+//!   touches it.
+//!
+//! Decisions are counted as `/metrics` counts them (see [`Tally::of`]), so
+//! the page's totals equal the `floodgate_requests_total` sums for the same
+//! traffic. Clients are named by their key's stable id
+//! ([`RateKey::stable_id`]): an address in clear (`ip:192.0.2.1`), an API
+//! key or a composite only as its fingerprint (`h:…`, `c:…`); a rule keyed
+//! `global` names the resolved client address instead.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use actix_web::HttpRequest;
+use serde::Serialize;
+
+use crate::key::{ClientIp, Fingerprinter};
+use crate::limiter::RateKey;
+use crate::verdict::{DecidedBy, Outcome, Verdict};
+
+use super::Exchange;
+
+/// Complete seconds a snapshot shows per rule: three minutes.
+pub const SECONDS_SHOWN: usize = 180;
+
+/// Buckets in each ring: the seconds shown plus the one being filled.
+const RING: usize = SECONDS_SHOWN + 1;
+
+/// Rules with a slot of their own; a rule set rarely has more than a dozen,
+/// and a slot is about 3 KB.
+pub const MAX_RULES: usize = 32;
+
+/// The name of the slot rules beyond [`MAX_RULES`] share.
+pub const OVERFLOW_RULE: &str = "(other rules)";
+
+/// Clients tracked per minute by the space-saving top-k. The counts of the
+/// [`TOP_SHOWN`] most refused are exact unless more than this many clients
+/// are refused in a minute, and even then within the reported error.
+pub const TOP_CAPACITY: usize = 64;
+
+/// Minutes the most limited clients are counted over.
+pub const TOP_MINUTES: usize = 5;
+
+/// Clients a snapshot lists.
+pub const TOP_SHOWN: usize = 10;
+
+/// What `/metrics` counts a request as (`floodgate_requests_total`'s
+/// `decision` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tally {
+    /// Let through by the limiter, an allow list, or a rule with no limits.
+    Allowed,
+    /// Answered `429`.
+    Limited,
+    /// Forwarded, but a shadow rule would have refused it.
+    ShadowLimited,
+    /// Answered `403`: the client network is denied.
+    Denied,
+    /// Answered `400`: no key could be derived.
+    Rejected,
+}
+
+impl Tally {
+    /// How `/metrics` counted `verdict`, or `None` when it counted it only as
+    /// a backend error (the limiter could not decide; an allow-listed
+    /// request let through that way included).
+    pub fn of(verdict: &Verdict) -> Option<Tally> {
+        match verdict.outcome {
+            Outcome::Allowed => Some(Tally::Allowed),
+            Outcome::Exempt if verdict.decided_by == DecidedBy::FailOpen => None,
+            Outcome::Exempt => Some(Tally::Allowed),
+            Outcome::Limited => Some(Tally::Limited),
+            Outcome::ShadowLimited => Some(Tally::ShadowLimited),
+            Outcome::Denied => Some(Tally::Denied),
+            Outcome::BadKey => Some(Tally::Rejected),
+            Outcome::Undecided => None,
+        }
+    }
+}
+
+/// Requests per decision since start, as `/metrics` labels them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// `decision="allowed"`.
+    pub allowed: u64,
+    /// `decision="limited"`.
+    pub limited: u64,
+    /// `decision="shadow_limited"`.
+    pub shadow_limited: u64,
+    /// `decision="denied"`.
+    pub denied: u64,
+    /// `decision="rejected"`.
+    pub rejected: u64,
+}
+
+impl std::ops::AddAssign for Totals {
+    fn add_assign(&mut self, other: Totals) {
+        self.allowed += other.allowed;
+        self.limited += other.limited;
+        self.shadow_limited += other.shadow_limited;
+        self.denied += other.denied;
+        self.rejected += other.rejected;
+    }
+}
+
+// === per-rule counts ===
+
+/// Which series of a ring a request goes to.
+const ALLOWED: usize = 0;
+const LIMITED: usize = 1;
+
+/// One-second buckets, each an `AtomicU64` holding the second it counts
+/// (high 32 bits, seconds since the board started) and its count (low 32
+/// bits), so a bucket is claimed for a new second and counted in one
+/// compare-and-swap, never read half reset. A count cannot reach 2³² in a
+/// second.
+struct Ring {
+    cells: [[AtomicU64; 2]; RING],
+}
+
+impl Ring {
+    fn new() -> Self {
+        Ring {
+            cells: std::array::from_fn(|_| [AtomicU64::new(0), AtomicU64::new(0)]),
+        }
+    }
+
+    /// Counts one request of `series` in second `sec`.
+    fn add(&self, series: usize, sec: u32) {
+        let cell = &self.cells[sec as usize % RING][series];
+        let mut current = cell.load(Ordering::Relaxed);
+        loop {
+            let next = match ((current >> 32) as u32).cmp(&sec) {
+                std::cmp::Ordering::Equal => current + 1,
+                std::cmp::Ordering::Less => (u64::from(sec) << 32) | 1,
+                // A thread that read the clock a whole ring ago: its second
+                // is no longer shown.
+                std::cmp::Ordering::Greater => return,
+            };
+            match cell.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// The count of `series` in second `sec` (zero once the bucket moved on).
+    fn get(&self, series: usize, sec: u32) -> u64 {
+        let value = self.cells[sec as usize % RING][series].load(Ordering::Relaxed);
+        if (value >> 32) as u32 == sec {
+            value & u64::from(u32::MAX)
+        } else {
+            0
+        }
+    }
+}
+
+/// One rule's counts.
+struct RuleSlot {
+    name: Arc<str>,
+    totals: [AtomicU64; 5],
+    ring: Ring,
+}
+
+impl RuleSlot {
+    fn new(name: Arc<str>) -> Box<Self> {
+        Box::new(RuleSlot {
+            name,
+            totals: std::array::from_fn(|_| AtomicU64::new(0)),
+            ring: Ring::new(),
+        })
+    }
+
+    fn is(&self, rule: &Arc<str>) -> bool {
+        Arc::ptr_eq(&self.name, rule) || *self.name == **rule
+    }
+
+    fn totals(&self) -> Totals {
+        let [allowed, limited, shadow_limited, denied, rejected] =
+            self.totals.each_ref().map(|c| c.load(Ordering::Relaxed));
+        Totals {
+            allowed,
+            limited,
+            shadow_limited,
+            denied,
+            rejected,
+        }
+    }
+}
+
+// === most limited clients ===
+
+/// One counter of a space-saving table.
+#[derive(Debug)]
+struct Counted {
+    client: Box<str>,
+    /// Refusals counted (an over-estimate by at most `error`).
+    count: u64,
+    /// The count the evicted client had when this one took its place.
+    error: u64,
+}
+
+/// A space-saving top-k over one minute: at most [`TOP_CAPACITY`] clients;
+/// a new client, once it is full, replaces the least counted one and
+/// inherits its count as its possible error.
+#[derive(Debug, Default)]
+struct SpaceSaving {
+    minute: u32,
+    counted: Vec<Counted>,
+}
+
+impl SpaceSaving {
+    fn offer(&mut self, client: &[u8]) {
+        if let Some(c) = self
+            .counted
+            .iter_mut()
+            .find(|c| c.client.as_bytes() == client)
+        {
+            c.count += 1;
+            return;
+        }
+        // Stable ids are ASCII; lossy only for a custom key that is not.
+        let client = String::from_utf8_lossy(client).into();
+        if self.counted.len() < TOP_CAPACITY {
+            self.counted.push(Counted {
+                client,
+                count: 1,
+                error: 0,
+            });
+        } else if let Some(least) = self.counted.iter_mut().min_by_key(|c| c.count) {
+            *least = Counted {
+                client,
+                count: least.count + 1,
+                error: least.count,
+            };
+        }
+    }
+
+    /// What a client absent from this table may have had: nothing while it
+    /// is not full, else up to the least count (it may have been evicted).
+    fn absent_bound(&self) -> u64 {
+        if self.counted.len() < TOP_CAPACITY {
+            0
+        } else {
+            self.counted.iter().map(|c| c.count).min().unwrap_or(0)
+        }
+    }
+}
+
+/// A space-saving table per minute, the last [`TOP_MINUTES`] of them.
+#[derive(Debug)]
+struct TopLimited {
+    minutes: [SpaceSaving; TOP_MINUTES],
+    /// The client id being built (kept to save an allocation per refusal).
+    scratch: Vec<u8>,
+}
+
+impl TopLimited {
+    fn new() -> Self {
+        TopLimited {
+            minutes: std::array::from_fn(|_| SpaceSaving::default()),
+            scratch: Vec::with_capacity(64),
+        }
+    }
+
+    /// Counts one refusal of the client `scratch` names, in `minute`.
+    fn offer_scratch(&mut self, minute: u32) {
+        let table = &mut self.minutes[minute as usize % TOP_MINUTES];
+        if table.minute != minute || table.counted.is_empty() {
+            table.minute = minute;
+            table.counted.clear();
+        }
+        table.offer(&self.scratch);
+    }
+
+    /// The most refused clients over the minutes up to `minute`.
+    fn top(&self, minute: u32) -> Vec<TopClient> {
+        let live: Vec<&SpaceSaving> = self
+            .minutes
+            .iter()
+            .filter(|t| !t.counted.is_empty() && t.minute <= minute)
+            .filter(|t| minute - t.minute < TOP_MINUTES as u32)
+            .collect();
+        let mut merged: Vec<TopClient> = Vec::new();
+        for table in &live {
+            for c in &table.counted {
+                if merged.iter().any(|m| *m.client == *c.client) {
+                    continue;
+                }
+                let (mut limited, mut error) = (0, 0);
+                for other in &live {
+                    match other.counted.iter().find(|o| o.client == c.client) {
+                        Some(o) => {
+                            limited += o.count;
+                            error += o.error;
+                        }
+                        None => error += other.absent_bound(),
+                    }
+                }
+                merged.push(TopClient {
+                    client: c.client.to_string(),
+                    limited,
+                    error,
+                });
+            }
+        }
+        merged.sort_by(|a, b| {
+            b.limited
+                .cmp(&a.limited)
+                .then_with(|| a.client.cmp(&b.client))
+        });
+        merged.truncate(TOP_SHOWN);
+        merged
+    }
+}
+
+/// One of the most limited clients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TopClient {
+    /// Its key's stable id: `ip:<address>`, or `h:`/`c:`/`b:` and a
+    /// fingerprint (never an API key in clear).
+    pub client: String,
+    /// Requests answered `429` over the last [`TOP_MINUTES`] minutes (at
+    /// most `error` too many).
+    pub limited: u64,
+    /// How much `limited` may over-count (zero unless more than
+    /// [`TOP_CAPACITY`] clients were refused in one of those minutes).
+    pub error: u64,
+}
+
+// === the board ===
+
+/// One rule's numbers in a [`Snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleSeries {
+    /// The rule's name.
+    pub rule: String,
+    /// Its requests per decision since start.
+    pub totals: Totals,
+    /// Allowed requests in each second, oldest first (see
+    /// [`Snapshot::until`]).
+    pub allowed: Vec<u64>,
+    /// Limited requests in each second, oldest first.
+    pub limited: Vec<u64>,
+}
+
+/// The board's numbers at one moment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    /// The last complete second the series end with, in Unix seconds.
+    pub until: u64,
+    /// Seconds each series holds ([`SECONDS_SHOWN`]).
+    pub seconds: usize,
+    /// Each rule seen since start, in the order first seen.
+    pub rules: Vec<RuleSeries>,
+    /// The most limited clients of the last [`TOP_MINUTES`] minutes, most
+    /// refused first.
+    pub top_limited: Vec<TopClient>,
+}
+
+/// The status page's counters (see the module docs). Build one, hand it to
+/// [`Observe`](super::Observe) and to the admin listener.
+pub struct Board {
+    origin: Instant,
+    origin_unix: u64,
+    slots: Box<[OnceLock<Box<RuleSlot>>]>,
+    overflow: RuleSlot,
+    /// Held only while a new rule gets its slot.
+    adding: Mutex<()>,
+    /// Held only to count a refusal, or to read the top clients.
+    top: Mutex<TopLimited>,
+    fingerprints: Fingerprinter,
+    client_ip: ClientIp,
+}
+
+impl std::fmt::Debug for Board {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Board").finish_non_exhaustive()
+    }
+}
+
+impl Board {
+    /// A board naming clients by `fingerprints` (as Redis key names do) and,
+    /// for globally keyed rules, by the address `client_ip` resolves.
+    pub fn new(fingerprints: Fingerprinter, client_ip: ClientIp) -> Self {
+        let origin_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Board {
+            origin: Instant::now(),
+            origin_unix,
+            slots: (0..MAX_RULES).map(|_| OnceLock::new()).collect(),
+            overflow: *RuleSlot::new(OVERFLOW_RULE.into()),
+            adding: Mutex::new(()),
+            top: Mutex::new(TopLimited::new()),
+            fingerprints,
+            client_ip,
+        }
+    }
+
+    /// Records one answered request, answered at `at` (runs in
+    /// [`Observe`](super::Observe) for every request). `req` is read only
+    /// for a refusal by a globally keyed rule, to name its client.
+    pub fn record(&self, exchange: &Exchange<'_>, req: &HttpRequest, at: Instant) {
+        let Some(verdict) = exchange.verdict else {
+            return;
+        };
+        let Some(tally) = Tally::of(verdict) else {
+            return;
+        };
+        let sec = self.second(at);
+        let slot = self.slot(&verdict.rule);
+        slot.totals[tally as usize].fetch_add(1, Ordering::Relaxed);
+        match tally {
+            Tally::Allowed => slot.ring.add(ALLOWED, sec),
+            Tally::Limited => {
+                slot.ring.add(LIMITED, sec);
+                self.count_refusal(verdict.key.as_ref(), req, sec);
+            }
+            _ => {}
+        }
+    }
+
+    /// The numbers at `now`.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let current = self.second(now);
+        // The complete seconds: `current - SECONDS_SHOWN ..= current - 1`,
+        // those before the board started counting as zero.
+        let series = |slot: &RuleSlot, which: usize| -> Vec<u64> {
+            (1..=SECONDS_SHOWN as u32)
+                .rev()
+                .map(|back| {
+                    current
+                        .checked_sub(back)
+                        .map_or(0, |s| slot.ring.get(which, s))
+                })
+                .collect()
+        };
+        let rules: Vec<RuleSeries> = self
+            .slots
+            .iter()
+            .map_while(OnceLock::get)
+            .map(|slot| &**slot)
+            .chain(Some(&self.overflow).filter(|o| o.totals() != Totals::default()))
+            .map(|slot| RuleSeries {
+                rule: slot.name.to_string(),
+                totals: slot.totals(),
+                allowed: series(slot, ALLOWED),
+                limited: series(slot, LIMITED),
+            })
+            .collect();
+        let top_limited = self
+            .top
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .top(current / 60);
+        Snapshot {
+            until: (self.origin_unix + u64::from(current)).saturating_sub(1),
+            seconds: SECONDS_SHOWN,
+            rules,
+            top_limited,
+        }
+    }
+
+    /// Seconds from the board's start to `at`.
+    fn second(&self, at: Instant) -> u32 {
+        let since = at.saturating_duration_since(self.origin);
+        u32::try_from(since.as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// The slot counting `rule`, given one if it has none yet.
+    fn slot(&self, rule: &Arc<str>) -> &RuleSlot {
+        // Slots are filled in order, so the first empty one ends the search.
+        for cell in self.slots.iter() {
+            match cell.get() {
+                Some(slot) if slot.is(rule) => return slot,
+                Some(_) => continue,
+                None => return self.add_slot(rule),
+            }
+        }
+        &self.overflow
+    }
+
+    #[cold]
+    fn add_slot(&self, rule: &Arc<str>) -> &RuleSlot {
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        // Another worker may have added it, or others, meanwhile.
+        for cell in self.slots.iter() {
+            match cell.get() {
+                Some(slot) if slot.is(rule) => return slot,
+                Some(_) => continue,
+                None => return cell.get_or_init(|| RuleSlot::new(rule.clone())),
+            }
+        }
+        &self.overflow
+    }
+
+    fn count_refusal(&self, key: Option<&RateKey>, req: &HttpRequest, sec: u32) {
+        let mut top = self.top.lock().unwrap_or_else(|e| e.into_inner());
+        let top = &mut *top;
+        top.scratch.clear();
+        if let Some(key) = key {
+            key.write_stable_id(&self.fingerprints, &mut top.scratch);
+        }
+        if top.scratch.is_empty() || top.scratch == b"g" {
+            // One budget for everyone: the client is who sent it.
+            top.scratch.clear();
+            match req.peer_addr() {
+                Some(peer) => {
+                    let addr: IpAddr = self.client_ip.client_addr(peer.ip(), req.headers());
+                    RateKey::ip(addr).write_stable_id(&self.fingerprints, &mut top.scratch);
+                }
+                None => top.scratch.extend_from_slice(b"unknown"),
+            }
+        }
+        top.offer_scratch(sec / 60);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::StatusCode;
+    use actix_web::test::TestRequest;
+    use std::time::Duration;
+
+    fn board() -> Board {
+        Board::new(Fingerprinter::new(b"test:"), ClientIp::new())
+    }
+
+    fn verdict(rule: &Arc<str>, outcome: Outcome, key: Option<RateKey>) -> Verdict {
+        let mut v = Verdict::new(rule.clone(), false);
+        v.outcome = outcome;
+        v.decided_by = DecidedBy::Backend;
+        v.key = key;
+        v
+    }
+
+    fn record(board: &Board, v: &Verdict, secs: u64) {
+        let exchange = Exchange {
+            verdict: Some(v),
+            status: StatusCode::OK,
+            elapsed: Duration::ZERO,
+            upstream: None,
+        };
+        let req = TestRequest::default()
+            .peer_addr("192.0.2.9:4000".parse().unwrap())
+            .to_http_request();
+        board.record(&exchange, &req, board.origin + Duration::from_secs(secs));
+    }
+
+    fn at(board: &Board, secs: u64) -> Snapshot {
+        board.snapshot(board.origin + Duration::from_secs(secs))
+    }
+
+    fn ip(addr: &str) -> Option<RateKey> {
+        Some(RateKey::ip(addr.parse().unwrap()))
+    }
+
+    #[test]
+    fn counts_land_in_their_second_and_roll_out_of_the_ring() {
+        let b = board();
+        let login: Arc<str> = "login".into();
+        let allowed = verdict(&login, Outcome::Allowed, ip("192.0.2.1"));
+        let limited = verdict(&login, Outcome::Limited, ip("192.0.2.1"));
+        for _ in 0..3 {
+            record(&b, &allowed, 5);
+        }
+        record(&b, &limited, 5);
+        record(&b, &allowed, 6);
+
+        let snap = at(&b, 7);
+        let rule = &snap.rules[0];
+        assert_eq!(rule.rule, "login");
+        assert_eq!(rule.allowed.len(), SECONDS_SHOWN);
+        // Oldest first: the last entry is second 6, the one before second 5.
+        assert_eq!(rule.allowed[SECONDS_SHOWN - 1], 1);
+        assert_eq!(rule.allowed[SECONDS_SHOWN - 2], 3);
+        assert_eq!(rule.limited[SECONDS_SHOWN - 2], 1);
+        assert_eq!(rule.allowed.iter().sum::<u64>(), 4);
+        assert_eq!(snap.until, b.origin_unix + 6);
+
+        // The current second is not shown until it is complete.
+        record(&b, &allowed, 7);
+        assert_eq!(at(&b, 7).rules[0].allowed.iter().sum::<u64>(), 4);
+
+        // Second 5 is still shown at 185, gone at 186; the totals stay.
+        assert_eq!(at(&b, 185).rules[0].allowed[0], 3);
+        let late = at(&b, 186);
+        assert_eq!(
+            late.rules[0].allowed.iter().sum::<u64>(),
+            2,
+            "seconds 6 and 7"
+        );
+        assert_eq!(late.rules[0].totals.allowed, 5);
+        assert_eq!(late.rules[0].totals.limited, 1);
+
+        // A bucket reused a whole ring later starts from zero, and a stale
+        // write for the second it held before is dropped.
+        record(&b, &allowed, 5 + RING as u64);
+        record(&b, &allowed, 5);
+        let reused = at(&b, 6 + RING as u64);
+        assert_eq!(reused.rules[0].allowed[SECONDS_SHOWN - 1], 1);
+        assert_eq!(
+            reused.rules[0].totals.allowed, 7,
+            "totals count every request"
+        );
+    }
+
+    #[test]
+    fn totals_follow_the_metrics_decisions() {
+        let b = board();
+        let r: Arc<str> = "r".into();
+        let mut open = verdict(&r, Outcome::Exempt, None);
+        open.decided_by = DecidedBy::FailOpen;
+        for (outcome, times) in [
+            (Outcome::Allowed, 2),
+            (Outcome::Exempt, 1),
+            (Outcome::Limited, 3),
+            (Outcome::ShadowLimited, 4),
+            (Outcome::Denied, 5),
+            (Outcome::BadKey, 6),
+            (Outcome::Undecided, 7),
+        ] {
+            for _ in 0..times {
+                record(&b, &verdict(&r, outcome, ip("192.0.2.1")), 1);
+            }
+        }
+        record(&b, &open, 1);
+        assert_eq!(
+            at(&b, 2).rules[0].totals,
+            Totals {
+                allowed: 3,
+                limited: 3,
+                shadow_limited: 4,
+                denied: 5,
+                rejected: 6,
+            }
+        );
+    }
+
+    #[test]
+    fn rules_beyond_the_slots_share_one() {
+        let b = board();
+        for i in 0..MAX_RULES + 3 {
+            let name: Arc<str> = format!("rule-{i}").into();
+            record(&b, &verdict(&name, Outcome::Allowed, None), 1);
+        }
+        // Same name, another Arc (a reload): the same slot.
+        record(&b, &verdict(&"rule-0".into(), Outcome::Allowed, None), 1);
+        let snap = at(&b, 2);
+        assert_eq!(snap.rules.len(), MAX_RULES + 1);
+        assert_eq!(snap.rules[0].totals.allowed, 2);
+        let overflow = snap.rules.last().unwrap();
+        assert_eq!(overflow.rule, OVERFLOW_RULE);
+        assert_eq!(overflow.totals.allowed, 3);
+    }
+
+    #[test]
+    fn top_clients_are_ordered_by_refusals_and_name_keys_only_by_fingerprint() {
+        let b = board();
+        let r: Arc<str> = "r".into();
+        let api_key = RateKey::header(actix_web::http::header::HeaderValue::from_static(
+            "sk_live_secret",
+        ));
+        for (key, times) in [
+            (ip("192.0.2.1"), 2),
+            (ip("192.0.2.2"), 5),
+            (Some(api_key.clone()), 3),
+            (Some(RateKey::global()), 1),
+        ] {
+            for _ in 0..times {
+                record(&b, &verdict(&r, Outcome::Limited, key.clone()), 10);
+            }
+        }
+        // Allowed requests are no refusals.
+        record(&b, &verdict(&r, Outcome::Allowed, ip("192.0.2.3")), 10);
+
+        let top = at(&b, 11).top_limited;
+        let fp = String::from_utf8(api_key.stable_id(&b.fingerprints)).unwrap();
+        let expected = [
+            ("ip:192.0.2.2", 5),
+            (fp.as_str(), 3),
+            ("ip:192.0.2.1", 2),
+            ("ip:192.0.2.9", 1), // a global key names the peer
+        ];
+        let got: Vec<(&str, u64)> = top.iter().map(|t| (t.client.as_str(), t.limited)).collect();
+        assert_eq!(got, expected);
+        assert!(top.iter().all(|t| t.error == 0));
+        assert!(!format!("{top:?}").contains("sk_live_secret"));
+    }
+
+    #[test]
+    fn top_clients_stay_bounded_and_keep_the_heavy_hitters() {
+        let b = board();
+        let r: Arc<str> = "r".into();
+        let heavy = verdict(&r, Outcome::Limited, ip("198.51.100.1"));
+        for i in 0..10_000u32 {
+            let one_off = verdict(
+                &r,
+                Outcome::Limited,
+                Some(RateKey::ip(IpAddr::from((0x0a00_0000 + i).to_be_bytes()))),
+            );
+            record(&b, &one_off, 30);
+            if i % 10 == 0 {
+                record(&b, &heavy, 30);
+            }
+        }
+        {
+            let top = b.top.lock().unwrap();
+            assert!(top.minutes.iter().all(|t| t.counted.len() <= TOP_CAPACITY));
+        }
+        let snap = at(&b, 31);
+        assert_eq!(snap.top_limited.len(), TOP_SHOWN);
+        let first = &snap.top_limited[0];
+        assert_eq!(first.client, "ip:198.51.100.1");
+        // Space-saving never under-counts, and the error bounds the excess.
+        assert!(first.limited >= 1000, "{first:?}");
+        assert!(first.limited - first.error <= 1000, "{first:?}");
+        let mut sorted = snap.top_limited.clone();
+        sorted.sort_by_key(|c| std::cmp::Reverse(c.limited));
+        assert_eq!(sorted, snap.top_limited, "most refused first");
+    }
+
+    #[test]
+    fn top_clients_are_those_of_the_last_minutes() {
+        let b = board();
+        let r: Arc<str> = "r".into();
+        let old = verdict(&r, Outcome::Limited, ip("192.0.2.1"));
+        let new = verdict(&r, Outcome::Limited, ip("192.0.2.2"));
+        record(&b, &old, 10); // minute 0
+        record(&b, &old, 70); // minute 1
+        record(&b, &new, 250); // minute 4
+        let both = at(&b, 250).top_limited;
+        assert_eq!(both[0].client, "ip:192.0.2.1");
+        assert_eq!(both[0].limited, 2);
+        // At minute 5 the first minute is gone; at minute 6 the second too.
+        assert_eq!(at(&b, 300).top_limited[0].limited, 1);
+        let later = at(&b, 360).top_limited;
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].client, "ip:192.0.2.2");
+        // A table reused five minutes on starts empty.
+        record(&b, &new, 10 + 300); // minute 5, the table minute 0 had
+        let reused = at(&b, 320).top_limited;
+        assert_eq!(reused[0].client, "ip:192.0.2.2");
+        assert_eq!(reused[0].limited, 2);
+    }
+}
