@@ -87,7 +87,10 @@ pub(super) fn parse_head(
 
     // Positions of names and values, to slice the frozen head without copying.
     let base = buf.as_ptr() as usize;
-    let mut connection_close = version == Version::HTTP_10;
+    // HTTP/1.0 closes unless the answer says `keep-alive`; a `close` token
+    // wins over a `keep-alive` anywhere in the head, whatever their order.
+    let mut keep_alive_10 = false;
+    let mut close_named = false;
     let mut named: Vec<HeaderName> = Vec::new();
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
@@ -100,11 +103,9 @@ pub(super) fn parse_head(
         if name.eq_ignore_ascii_case(b"connection") {
             for token in crate::headers::tokens(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
-                    connection_close = true;
+                    close_named = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    if version == Version::HTTP_10 {
-                        connection_close = false;
-                    }
+                    keep_alive_10 = true;
                 } else if let Ok(name) = HeaderName::from_bytes(token) {
                     named.push(name);
                 }
@@ -168,6 +169,7 @@ pub(super) fn parse_head(
     } else {
         Framing::Close
     };
+    let connection_close = close_named || (version == Version::HTTP_10 && !keep_alive_10);
     let keep_alive = !connection_close && !matches!(framing, Framing::Close);
     Ok(Some(Parsed {
         status,
