@@ -98,9 +98,10 @@ pub mod verdict;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+pub use admin::admin_probe;
 pub use error::ProxyError;
 pub use limiter::{
-    Backend, BackendError, Decision, Health, Limit, MemoryBackend, Rate, RateKey, RedisBackend,
+    Backend, BackendError, Decision, Health, KeyStateError, Limit, MemoryBackend, Rate, RateKey,
+    RedisBackend,
 };
 pub use middleware::{FailurePolicy, RateLimit};
-pub use admin::admin_probe;

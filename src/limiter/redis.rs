@@ -98,8 +98,8 @@ use self::scripts::{CHARGE_SCRIPT, Params};
 pub use self::scripts::{DECIDE_SCRIPT, REFUND_SCRIPT};
 use super::algorithm::State as KeyState;
 use super::{
-    Algorithm, Backend, BackendError, Check, Decision, Decisions, Health, Limit, MAX_STABLE_ID,
-    MemoryBackend, RateKey,
+    Algorithm, Backend, BackendError, Check, Decision, Decisions, Forgotten, Health, KeyStateError,
+    Limit, MAX_STABLE_ID, MemoryBackend, RateKey,
 };
 use crate::key::Fingerprinter;
 use crate::observe::Metrics;
@@ -373,6 +373,73 @@ impl RedisBackend {
         Ok(decisions)
     }
 
+    /// What each check's key has left, read from Redis on its clock without
+    /// charging (see [`Backend::inspect`]): the decision script in its
+    /// "only look" mode, one call per Cluster slot group.
+    async fn look(&self, checks: &[Check<'_>]) -> Result<Decisions, KeyStateError> {
+        let inner = &self.inner;
+        let entries: SmallVec<[Entry; 4]> = checks.iter().map(|c| inner.entry(c)).collect();
+        let mut decisions: Decisions = checks
+            .iter()
+            .map(|c| c.limit.counter().peek(None, 0))
+            .collect();
+        for idx in inner.groups(&entries) {
+            let group = idx.iter().map(|&i| entries[i].clone()).collect();
+            let answer = batch::decide(inner, group, false)
+                .await
+                .map_err(|failure| failure.error)?;
+            for (j, &i) in idx.iter().enumerate() {
+                decisions[i] = checks[i].limit.counter().peek(answer.held[j], answer.t0);
+            }
+        }
+        Ok(decisions)
+    }
+
+    /// Forgets each check's state in Redis and on this replica (see
+    /// [`Backend::reset`]): this replica's copies first (its cached
+    /// refusals, its `local` fallback's last known state, the admissions it
+    /// owes Redis), then one `DEL` per Redis key, so a key of any Cluster
+    /// slot is deleted on its own node.
+    async fn forget(&self, checks: &[Check<'_>]) -> Result<Forgotten, KeyStateError> {
+        let inner = &self.inner;
+        let keys: SmallVec<[Vec<u8>; 4]> = checks
+            .iter()
+            .map(|c| inner.redis_key(c.limit, c.key))
+            .collect();
+        for (check, key) in checks.iter().zip(&keys) {
+            if check.key.is_fingerprint_only() {
+                // The cache is keyed by the value, which a fingerprint does
+                // not lead to: forget every refusal (each asks Redis again).
+                inner.blocked.clear();
+            } else {
+                inner.blocked.forget(check.limit, check.key);
+                inner.local.forget(check.limit, check.key);
+            }
+            inner.local.forgive(key);
+        }
+        let Some(conn) = inner.connection() else {
+            return Err(BackendError::Unavailable("not connected to redis".into()).into());
+        };
+        let patience = inner.patience();
+        let deletes = keys.iter().map(|key| {
+            let mut conn = conn.clone();
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(key);
+            async move {
+                match actix_web::rt::time::timeout(patience, cmd.query_async::<i64>(&mut conn))
+                    .await
+                {
+                    Ok(Ok(n)) => Ok(n > 0),
+                    Ok(Err(err)) => Err(BackendError::Unavailable(err.to_string())),
+                    Err(_) => Err(BackendError::Timeout(patience)),
+                }
+            }
+        });
+        let deleted = futures_util::future::join_all(deletes).await;
+        let forgotten = deleted.into_iter().collect::<Result<Forgotten, _>>()?;
+        Ok(forgotten)
+    }
+
     /// Whether the circuit is closed (Redis answering).
     pub fn is_up(&self) -> bool {
         self.inner.circuit.state() == State::Up
@@ -387,6 +454,14 @@ impl Backend for RedisBackend {
 
     fn try_check_all(&self, checks: &[Check<'_>]) -> Option<Result<Decisions, BackendError>> {
         self.inner.blocked_answer(checks).map(Ok)
+    }
+
+    async fn inspect(&self, checks: &[Check<'_>]) -> Result<Decisions, KeyStateError> {
+        self.look(checks).await
+    }
+
+    async fn reset(&self, checks: &[Check<'_>]) -> Result<Forgotten, KeyStateError> {
+        self.forget(checks).await
     }
 
     fn start(&self) {
@@ -1586,6 +1661,16 @@ impl Blocked {
     fn retain_recent(&self) {
         let now = Instant::now();
         self.until.retain(|_, r| r.cached_until > now);
+    }
+
+    /// Forgets the refusal cached for `key` under `limit`, if any.
+    fn forget(&self, limit: &Limit, key: &RateKey) {
+        self.until.remove(&self.digest(limit, key));
+    }
+
+    /// Forgets every cached refusal: each refused key asks Redis again once.
+    fn clear(&self) {
+        self.until.clear();
     }
 }
 
