@@ -18,11 +18,11 @@ use actix_web::http::KeepAlive;
 use actix_web::{App, HttpServer};
 use anyhow::Context as _;
 
-use crate::admin::{self, Admin, LastReload, ReloadStatus};
+use crate::admin::{self, Access, Admin, LastReload, ReloadStatus};
 use crate::key::{ClientIp, Fingerprinter};
 use crate::limiter::{Backend, Fallback, MemoryBackend, RedisBackend, RedisTarget};
-use crate::observe::{Metrics, Observe};
 use crate::middleware::{FailurePolicy, RateLimit};
+use crate::observe::{Metrics, Observe};
 use crate::proxy::{self, Upstream};
 use crate::settings::{BackendKind, Settings, redact_url};
 
@@ -69,6 +69,7 @@ impl Floodgate {
             last_reload: self.last_reload.clone(),
             fingerprints: self.fingerprints.clone(),
             draining: self.draining.clone(),
+            access: Access::new(self.settings.admin_token.clone()),
         }
     }
 
@@ -400,13 +401,13 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
 
     let admin = admin::configure(floodgate.admin());
     let admin = HttpServer::new(move || App::new().configure(admin.clone()))
-    .workers(1)
-    .client_request_timeout(settings.client_timeout)
-    .shutdown_timeout(1)
-    .disable_signals()
-    .listen(listeners.admin)
-    .with_context(|| format!("serving admin on {admin_addr}"))?
-    .run();
+        .workers(1)
+        .client_request_timeout(settings.client_timeout)
+        .shutdown_timeout(1)
+        .disable_signals()
+        .listen(listeners.admin)
+        .with_context(|| format!("serving admin on {admin_addr}"))?
+        .run();
 
     // `Backend::start` runs when the first worker builds its middleware.
     let backend = floodgate.backend.clone();

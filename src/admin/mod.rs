@@ -1,9 +1,15 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics` and `/rules`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/rules` and
+//! `/limits/{rule}/{key}`.
 //!
 //! It is a separate server on `FLOODGATE_ADMIN_LISTEN`, so client traffic
 //! can never reach it. [`Admin`] holds the parts its endpoints read, handed
 //! over at construction; [`configure`] adds the endpoints to an `App`.
+//! `/healthz`, `/readyz` and `/metrics` are open to whoever reaches the
+//! port; the rest answer only what [`Admin::access`] admits (see [`auth`]),
+//! each wrapped in [`Admin::guard`].
 
+pub mod auth;
+pub mod limits;
 pub mod rules;
 
 use std::net::SocketAddr;
@@ -18,6 +24,7 @@ use crate::limiter::{Backend, Health};
 use crate::middleware::RateLimit;
 use crate::observe::Metrics;
 
+pub use auth::{Access, AdminToken, RequireAdmin};
 pub use rules::{LastReload, ReloadStatus};
 
 /// What the admin endpoints read: shared with the client listener's parts.
@@ -35,17 +42,38 @@ pub struct Admin {
     pub fingerprints: Fingerprinter,
     /// Set once shutdown begins: `/readyz` answers 503.
     pub draining: Arc<AtomicBool>,
+    /// Who may use `/rules`, `/limits/…` and the status page
+    /// (`FLOODGATE_ADMIN_TOKEN`, else loopback peers only).
+    pub access: Access,
+}
+
+impl Admin {
+    /// The middleware every protected admin resource is wrapped in.
+    pub fn guard(&self) -> RequireAdmin {
+        RequireAdmin::new(self.access.clone())
+    }
 }
 
 /// Adds the admin endpoints for `admin` to an `App`.
 pub fn configure(admin: Admin) -> impl Fn(&mut web::ServiceConfig) + Clone {
+    let guard = admin.guard();
     let admin = web::Data::new(admin);
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(admin.clone())
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics))
-            .route("/rules", web::get().to(rules));
+            .service(
+                web::resource("/rules")
+                    .wrap(guard.clone())
+                    .route(web::get().to(rules)),
+            )
+            .service(
+                web::resource("/limits/{rule}/{key}")
+                    .wrap(guard.clone())
+                    .route(web::get().to(limits::get))
+                    .route(web::delete().to(limits::delete)),
+            );
     }
 }
 
@@ -121,4 +149,3 @@ pub fn admin_probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
 }
-
