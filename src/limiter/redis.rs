@@ -70,6 +70,15 @@
 //! charged anyway), at no round trip. Its other limits report what this
 //! replica last heard from Redis for them under `local`, a fresh key's
 //! budget otherwise (they are not charged either way).
+//!
+//! A reset (the admin API's `DELETE /limits/…`, [`Backend::reset`]) deletes
+//! the key's Redis keys and forgets what this replica holds of it (cached
+//! refusal, last known state, admissions owed), then announces itself on the
+//! `<prefix>reset` channel: every replica subscribed there (one Redis; a
+//! Cluster caches refusals at most [`CLUSTER_BLOCKED_MAX`]) drops its cached
+//! refusals, so none keeps refusing a key that was just given a fresh
+//! budget. Other replicas' `local` fallback tables keep what they last knew
+//! of the key until it expires: they decide only while Redis is down.
 
 mod circuit;
 mod fallback;
@@ -78,7 +87,7 @@ mod scripts;
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -437,6 +446,17 @@ impl RedisBackend {
         });
         let deleted = futures_util::future::join_all(deletes).await;
         let forgotten = deleted.into_iter().collect::<Result<Forgotten, _>>()?;
+        if let RedisTarget::Single(_) = inner.target {
+            // Other replicas may hold a refusal of this key in their cache.
+            let mut conn = conn.clone();
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(inner.reset_channel()).arg(keys.len());
+            match actix_web::rt::time::timeout(patience, cmd.query_async::<i64>(&mut conn)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => log::warn!("reset: telling other replicas failed: {err}"),
+                Err(_) => log::warn!("reset: telling other replicas got no answer in {patience:?}"),
+            }
+        }
         Ok(forgotten)
     }
 
@@ -475,6 +495,7 @@ impl Backend for RedisBackend {
                 Ok(io) => {
                     let _ = self.inner.io.set(io);
                     Inner::probe(&self.inner);
+                    Inner::listen_for_resets(&self.inner);
                 }
                 Err(err) => log::error!(
                     "cannot start the redis thread ({err}); {} from now on",
@@ -689,6 +710,59 @@ impl Inner {
     fn failed(self: &Arc<Self>) {
         self.circuit.failed();
         Inner::probe(self);
+    }
+
+    /// The channel resets are announced on: `<prefix>reset`.
+    fn reset_channel(&self) -> String {
+        format!("{}reset", self.prefix)
+    }
+
+    /// Subscribes, on the Redis thread, to the resets any replica announces
+    /// ([`RedisBackend::reset`] publishes one after its `DEL`s), and
+    /// forgets every cached refusal on each: a refusal this replica cached
+    /// for a key another replica has just reset would otherwise refuse that
+    /// key until its retry time (hours, for a daily window). The cache is
+    /// keyed by a hash of the key's value, which the announcement does not
+    /// carry, so it is cleared whole; each refused key then asks Redis once.
+    /// It is cleared on every (re)subscription too, for the resets missed
+    /// while not listening. One Redis only: on a Cluster refusals are cached
+    /// at most [`CLUSTER_BLOCKED_MAX`] anyway. The task holds the backend
+    /// weakly, so it ends with it.
+    fn listen_for_resets(self: &Arc<Self>) {
+        let (RedisTarget::Single(url), Some(io)) = (&self.target, self.io.get()) else {
+            return;
+        };
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        let url = url.clone();
+        let channel = self.reset_channel();
+        io.spawn(async move {
+            use futures_util::StreamExt as _;
+            loop {
+                let subscribed = async {
+                    let client = redis::Client::open(url.as_str())?;
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.subscribe(&channel).await?;
+                    Ok::<_, RedisError>(pubsub)
+                };
+                match subscribed.await {
+                    Ok(pubsub) => {
+                        let mut messages = pubsub.into_on_message();
+                        let Some(inner) = weak.upgrade() else { return };
+                        inner.blocked.clear();
+                        drop(inner);
+                        while messages.next().await.is_some() {
+                            let Some(inner) = weak.upgrade() else { return };
+                            inner.blocked.clear();
+                        }
+                    }
+                    Err(err) => log::debug!("subscribing to resets: {err}"),
+                }
+                if weak.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(PROBE_INTERVAL * 10).await;
+            }
+        });
     }
 
     /// Opens the circuit, logging once.
