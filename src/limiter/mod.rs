@@ -381,7 +381,7 @@ impl RateKey {
     /// | --- | --- |
     /// | global | `g` |
     /// | client address | `ip:` and the address (`ip:192.0.2.1`, `ip:2001:db8::`) |
-    /// | header value | `h:` and its [`Fingerprint`](crate::key::Fingerprint), always |
+    /// | header value | `h:` and its [`Fingerprint`], always |
     /// | custom bytes | `b:` and their fingerprint, always |
     /// | composite | `c:` and the fingerprint of its parts' ids, always |
     ///
