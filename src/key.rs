@@ -414,6 +414,25 @@ impl Fingerprint {
         &self.0
     }
 
+    /// Reads the form [`Display`](fmt::Display) writes: exactly 32 hex
+    /// digits (either case). `None` for anything else.
+    pub fn from_hex(text: &str) -> Option<Fingerprint> {
+        let text = text.as_bytes();
+        if text.len() != 2 * FINGERPRINT_LEN {
+            return None;
+        }
+        let digit = |b: u8| {
+            char::from(b)
+                .to_digit(16)
+                .and_then(|d| u8::try_from(d).ok())
+        };
+        let mut out = [0; FINGERPRINT_LEN];
+        for (i, pair) in text.chunks_exact(2).enumerate() {
+            out[i] = (digit(pair[0])? << 4) | digit(pair[1])?;
+        }
+        Some(Fingerprint(out))
+    }
+
     /// Appends the hex form to `out` (no formatting machinery).
     pub fn write_hex(&self, out: &mut Vec<u8>) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -736,6 +755,19 @@ mod tests {
         assert_eq!(shown.len(), 2 * FINGERPRINT_LEN);
         assert!(shown.bytes().all(|b| b.is_ascii_hexdigit()));
         assert!(!format!("{a:?}").contains(&format!("{:?}", a.key)));
+        assert_eq!(Fingerprint::from_hex(&shown), Some(a.fingerprint(b"k1")));
+        assert_eq!(
+            Fingerprint::from_hex(&shown.to_ascii_uppercase()),
+            Some(a.fingerprint(b"k1"))
+        );
+        for bad in [
+            "",
+            &shown[1..],
+            &format!("{shown}0"),
+            &shown.replacen(&shown[..1], "g", 1),
+        ] {
+            assert_eq!(Fingerprint::from_hex(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

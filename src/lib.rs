@@ -101,6 +101,7 @@ pub struct ReadmeDoctests;
 pub use admin::admin_probe;
 pub use error::ProxyError;
 pub use limiter::{
-    Backend, BackendError, Decision, Health, Limit, MemoryBackend, Rate, RateKey, RedisBackend,
+    Backend, BackendError, Decision, Health, KeyStateError, Limit, MemoryBackend, Rate, RateKey,
+    RedisBackend,
 };
 pub use middleware::{FailurePolicy, RateLimit};

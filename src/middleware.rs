@@ -265,6 +265,18 @@ impl RateLimit {
         self
     }
 
+    /// How client addresses are resolved (the admin API reads an `ip` key
+    /// part the same way: IPv6 grouped by the prefix).
+    pub fn client_ip_resolver(&self) -> &ClientIp {
+        &self.ip
+    }
+
+    /// Whether an embedder's [`key`](Self::key) extractor replaces the
+    /// rules' own keys (the admin API cannot then tell what a key is).
+    pub fn has_custom_key(&self) -> bool {
+        self.extractor.is_some()
+    }
+
     /// The rules in force now.
     pub fn rules(&self) -> Arc<Rules> {
         self.gate.load().rules().clone()

@@ -18,7 +18,7 @@ use actix_web::http::KeepAlive;
 use actix_web::{App, HttpServer};
 use anyhow::Context as _;
 
-use crate::admin::{self, Admin, LastReload, ReloadStatus};
+use crate::admin::{self, Access, Admin, LastReload, ReloadStatus};
 use crate::key::{ClientIp, Fingerprinter};
 use crate::limiter::{Backend, Fallback, MemoryBackend, RedisBackend, RedisTarget};
 use crate::middleware::{FailurePolicy, RateLimit};
@@ -76,6 +76,7 @@ impl Floodgate {
             draining: self.draining.clone(),
             board: self.board.clone(),
             redis_failure: self.settings.redis.failure,
+            access: Access::new(self.settings.admin_token.clone()),
         }
     }
 

@@ -450,6 +450,30 @@ fn a_redis_password_never_reaches_stderr() {
     }
 }
 
+#[test]
+fn the_admin_token_never_reaches_stderr_set_or_refused() {
+    // Too short: refused before anything listens, naming the variable only.
+    let (status, stderr) = run_to_exit(Binary::command(&[
+        ("FLOODGATE_ADMIN_TOKEN", "tiny-secret"),
+        ("FLOODGATE_LISTEN", &free_addr().to_string()),
+        ("FLOODGATE_ADMIN_LISTEN", &free_addr().to_string()),
+    ]));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("FLOODGATE_ADMIN_TOKEN=\"<hidden>\": 11 characters"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("tiny-secret"), "{stderr}");
+    // Set and accepted: the startup line says so, without it.
+    let secret = "a-long-enough-admin-secret-42";
+    let mut fg = Binary::start(&[("FLOODGATE_ADMIN_TOKEN", secret)]);
+    let (status, _) = stop_with(&mut fg, "TERM", patience());
+    let stderr = fg.stderr();
+    assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
+    assert!(stderr.contains(" admin_token=set"), "{stderr}");
+    assert!(!stderr.contains(secret), "{stderr}");
+}
+
 // === open-file limit ===
 
 /// The binary started by `sh` after `ulimit {ulimit}` (so the limits apply

@@ -1,10 +1,16 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/rules` and the
-//! status page (`/` and `/status.json`, see [`status`]).
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/rules`,
+//! `/limits/{rule}/{key}` and the status page (`/` and `/status.json`, see
+//! [`status`]).
 //!
 //! It is a separate server on `FLOODGATE_ADMIN_LISTEN`, so client traffic
 //! can never reach it. [`Admin`] holds the parts its endpoints read, handed
 //! over at construction; [`configure`] adds the endpoints to an `App`.
+//! `/healthz`, `/readyz` and `/metrics` are open to whoever reaches the
+//! port; the rest answer only what [`Admin::access`] admits (see [`auth`]),
+//! each wrapped in [`Admin::guard`].
 
+pub mod auth;
+pub mod limits;
 pub mod rules;
 pub mod status;
 
@@ -13,7 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use actix_web::middleware::from_fn;
 use actix_web::{HttpResponse, web};
 
 use crate::key::Fingerprinter;
@@ -21,6 +26,7 @@ use crate::limiter::{Backend, Fallback, Health};
 use crate::middleware::RateLimit;
 use crate::observe::{Board, Metrics};
 
+pub use auth::{Access, AdminToken, RequireAdmin};
 pub use rules::{LastReload, ReloadStatus};
 
 /// What the admin endpoints read: shared with the client listener's parts.
@@ -43,22 +49,43 @@ pub struct Admin {
     /// What Redis failures do (`FLOODGATE_REDIS_FAILURE`), for the status
     /// page; unused by the memory backend.
     pub redis_failure: Fallback,
+    /// Who may use `/rules`, `/limits/…` and the status page
+    /// (`FLOODGATE_ADMIN_TOKEN`, else loopback peers only).
+    pub access: Access,
+}
+
+impl Admin {
+    /// The middleware every protected admin resource is wrapped in.
+    pub fn guard(&self) -> RequireAdmin {
+        RequireAdmin::new(self.access.clone())
+    }
 }
 
 /// Adds the admin endpoints for `admin` to an `App`.
 pub fn configure(admin: Admin) -> impl Fn(&mut web::ServiceConfig) + Clone {
+    let guard = admin.guard();
     let admin = web::Data::new(admin);
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(admin.clone())
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics))
-            .route("/rules", web::get().to(rules))
+            .service(
+                web::resource("/rules")
+                    .wrap(guard.clone())
+                    .route(web::get().to(rules)),
+            )
+            .service(
+                web::resource("/limits/{rule}/{key}")
+                    .wrap(guard.clone())
+                    .route(web::get().to(limits::get))
+                    .route(web::delete().to(limits::delete)),
+            )
             // Last: this scope's empty prefix would otherwise take every
-            // path. Its guard is the one line that decides who sees the page.
+            // path.
             .service(
                 web::scope("")
-                    .wrap(from_fn(status::loopback_only))
+                    .wrap(guard.clone())
                     .configure(status::routes),
             );
     }

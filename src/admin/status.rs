@@ -27,20 +27,16 @@
 //! as Redis key names name them: an address in clear, an API key only as
 //! its fingerprint.
 //!
-//! Both routes answer loopback peers only ([`loopback_only`]): the page is
-//! for whoever runs the host, and the admin listener may be bound wider for
-//! `/metrics`. The page fetches its JSON from its own origin with the
-//! credentials the browser holds for it, so a header-setting proxy in
-//! front of the admin listener covers both requests.
+//! Both routes are behind the admin guard ([`Admin::guard`]): with
+//! `FLOODGATE_ADMIN_TOKEN` set they need `Authorization: Bearer <token>`,
+//! else they answer loopback peers only. The page fetches its JSON from its
+//! own origin with the credentials the browser holds for it, so a
+//! header-setting proxy in front of the admin listener covers both requests.
 
-use std::net::IpAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use actix_web::body::{EitherBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, HeaderValue};
-use actix_web::middleware::Next;
-use actix_web::{Error, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 
 use super::Admin;
@@ -61,34 +57,11 @@ const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
      style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; \
      frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
-/// Adds `GET /` and `GET /status.json` (the caller wraps them in the
-/// access guard, see [`loopback_only`]).
+/// Adds `GET /` and `GET /status.json` (the caller wraps them in
+/// [`Admin::guard`]).
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(page))
         .route("/status.json", web::get().to(status));
-}
-
-/// Lets loopback peers through and answers anyone else `403`.
-pub async fn loopback_only(
-    req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, Error> {
-    let loopback = req.peer_addr().is_some_and(|peer| is_loopback(peer.ip()));
-    if loopback {
-        return next
-            .call(req)
-            .await
-            .map(ServiceResponse::map_into_left_body);
-    }
-    let refused = HttpResponse::Forbidden()
-        .content_type("text/plain")
-        .body("the status page answers loopback clients only\n");
-    Ok(req.into_response(refused).map_into_right_body())
-}
-
-/// Loopback, IPv4-mapped IPv6 (`::ffff:127.0.0.1`) included.
-fn is_loopback(ip: IpAddr) -> bool {
-    ip.to_canonical().is_loopback()
 }
 
 async fn page() -> HttpResponse {
@@ -198,16 +171,6 @@ pub fn status_json(admin: &Admin, now: Instant) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn loopback_is_v4_v6_and_mapped() {
-        for ip in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
-            assert!(is_loopback(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["10.0.0.1", "192.0.2.1", "::ffff:192.0.2.1", "2001:db8::1"] {
-            assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
-        }
-    }
 
     #[test]
     fn the_page_needs_nothing_from_elsewhere() {

@@ -21,6 +21,7 @@ use std::time::Duration;
 use ::config::{Config, Environment, File, FileFormat};
 use ipnet::IpNet;
 
+use crate::admin::AdminToken;
 use crate::headers::HeaderStyle;
 use crate::limiter::{Fallback, Limit};
 use crate::observe::LogFormat;
@@ -74,6 +75,7 @@ pub const KEYS: &[&str] = &[
     "redis_timeout",
     "redis_failure",
     "admin_listen",
+    "admin_token",
     "workers",
     "shutdown_timeout",
     "send_timeout",
@@ -242,6 +244,12 @@ pub struct Static {
     /// `FLOODGATE_ADMIN_LISTEN`, default `127.0.0.1:9000`: address of
     /// `/healthz`, `/readyz` and `/metrics`. Keep it private.
     pub admin_listen: SocketAddr,
+    /// `FLOODGATE_ADMIN_TOKEN`, default unset: when set, `/rules`,
+    /// `/limits/…` and the status page answer only requests carrying
+    /// `Authorization: Bearer <token>` (from any peer); unset, they answer
+    /// loopback peers only. Set but empty is an error. Never shown (`Debug`
+    /// hides it).
+    pub admin_token: Option<AdminToken>,
     /// `FLOODGATE_WORKERS`, default empty, meaning one per CPU this process
     /// may use (1 to 1024): worker threads serving clients.
     pub workers: usize,
@@ -538,6 +546,10 @@ impl Settings {
         let rules: Vec<&str> = self.policy.rules.rules().map(|r| &*r.name).collect();
         if !rules.is_empty() {
             line.push_str(&format!(" rules={}", rules.join(",")));
+        }
+        if self.admin_token.is_some() {
+            // Whether one is set, never what it is.
+            line.push_str(" admin_token=set");
         }
         line
     }

@@ -15,6 +15,7 @@ use super::{
     BackendKind, EnvSnapshot, FILE_KEYS, KEYS, MAX_CONNECTIONS_LIMIT, Policy, RedisSettings,
     Settings, Static, env_name,
 };
+use crate::admin::auth::{AdminToken, AdminTokenError};
 use crate::headers::HeaderStyle;
 use crate::limiter::{ALGORITHM_SYNTAX, Algorithm, Fallback};
 use crate::observe::LogFormat;
@@ -29,6 +30,9 @@ pub(super) struct Raw<'a> {
     pub(super) problems: Vec<String>,
     /// The file's `rules`, if it has any.
     rules: Option<Value>,
+    /// Keys whose environment variable is set but blank (the environment
+    /// layer drops those, so they would otherwise read as unset).
+    blank_env: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,11 +86,17 @@ impl<'a> Raw<'a> {
                 )),
             }
         }
+        let blank_env = KEYS
+            .iter()
+            .filter(|key| env.get(&env_name(key)).is_some_and(|v| v.trim().is_empty()))
+            .map(|key| (*key).to_owned())
+            .collect();
         Raw {
             values,
             file,
             problems: raw_problems,
             rules,
+            blank_env,
         }
     }
 
@@ -143,6 +153,36 @@ impl<'a> Raw<'a> {
             return None;
         }
         self.parse(key, parse)
+    }
+
+    /// `admin_token`: `Some(None)` when unset, `None` after a problem. Set
+    /// but empty is a problem (not "unset"): an operator who wrote the
+    /// variable meant to protect the admin API. The value is never shown.
+    fn admin_token(&mut self) -> Option<Option<AdminToken>> {
+        const KEY: &str = "admin_token";
+        let (text, origin) = self
+            .values
+            .get(KEY)
+            .map_or((String::new(), Origin::Default), |(t, o)| (t.clone(), *o));
+        let result = if self.blank_env.iter().any(|k| k == KEY) {
+            Err((format!("{}=\"\"", env_name(KEY)), AdminTokenError::Empty))
+        } else if text.trim().is_empty() && origin != Origin::File {
+            return Some(None);
+        } else {
+            let shown = if text.trim().is_empty() {
+                ""
+            } else {
+                "<hidden>"
+            };
+            AdminToken::new(&text).map_err(|e| (self.describe(KEY, shown), e))
+        };
+        match result {
+            Ok(token) => Some(Some(token)),
+            Err((place, err)) => {
+                self.problems.push(format!("{place}: {err}"));
+                None
+            }
+        }
     }
 
     pub(super) fn settings(
@@ -214,6 +254,7 @@ impl<'a> Raw<'a> {
                 _ => Err("expected local, open or closed".into()),
             });
         let admin_listen = self.required("admin_listen", parse_addr);
+        let admin_token = self.admin_token();
         let workers = match self.get("workers") {
             None => Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
             Some(_) => self.parse("workers", |s| match s.parse::<usize>() {
@@ -264,6 +305,7 @@ impl<'a> Raw<'a> {
                     failure: redis_failure?,
                 },
                 admin_listen: admin_listen?,
+                admin_token: admin_token?,
                 workers: workers?,
                 shutdown_timeout: shutdown_timeout?,
                 send_timeout: send_timeout?,

@@ -752,3 +752,49 @@ fn reload_rereads_the_file_not_the_environment() {
     assert_eq!(err.problems.len(), 1, "{err}");
     assert!(err.problems[0].contains("did you mean burst?"), "{err}");
 }
+
+#[test]
+fn an_admin_token_is_kept_hidden_and_a_bad_one_stops_startup_without_showing_it() {
+    assert_eq!(Settings::default().admin_token, None);
+    let secret = "0123456789abcdef-admin";
+    let s = load(&[("FLOODGATE_ADMIN_TOKEN", secret)]).unwrap();
+    let token = s.admin_token.clone().expect("a token");
+    assert!(token.matches(secret.as_bytes()));
+    assert!(!format!("{s:?}").contains(secret));
+    assert!(!s.summary().contains(secret));
+    assert!(s.summary().ends_with(" admin_token=set"), "{}", s.summary());
+
+    let err = load(&[("FLOODGATE_ADMIN_TOKEN", "")]).unwrap_err();
+    assert_eq!(
+        err.problems,
+        [
+            "FLOODGATE_ADMIN_TOKEN=\"\": set but empty; unset it to serve the admin API to loopback \
+             peers only, or set a secret of at least 16 characters"
+        ]
+    );
+    assert!(load(&[("FLOODGATE_ADMIN_TOKEN", "   ")]).is_err());
+    let err = load(&[("FLOODGATE_ADMIN_TOKEN", "hunter2")]).unwrap_err();
+    assert_eq!(
+        err.problems,
+        [
+            "FLOODGATE_ADMIN_TOKEN=\"<hidden>\": 7 characters; expected a secret of at least 16 \
+             (e.g. openssl rand -hex 32)"
+        ]
+    );
+    let err = load(&[("FLOODGATE_ADMIN_TOKEN", "a token with spaces")]).unwrap_err();
+    assert!(!err.to_string().contains("with spaces"), "{err}");
+    assert!(
+        err.problems[0].starts_with("FLOODGATE_ADMIN_TOKEN=\"<hidden>\": expected visible ASCII")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.toml");
+    std::fs::write(&path, "admin_token = \"\"\n").unwrap();
+    let err = load(&[("FLOODGATE_CONFIG", path.to_str().unwrap())]).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(
+        err.problems[0].starts_with("admin_token = \"\" in ")
+            && err.problems[0].contains("set but empty"),
+        "{err}"
+    );
+}

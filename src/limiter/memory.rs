@@ -41,7 +41,8 @@ use smallvec::SmallVec;
 
 use super::algorithm::{Counter, State};
 use super::{
-    Algorithm, Backend, BackendError, Check, Decision, Decisions, Limit, LimitId, RateKey,
+    Algorithm, Backend, BackendError, Check, Decision, Decisions, Forgotten, KeyStateError, Limit,
+    LimitId, RateKey,
 };
 
 /// Default cap on tracked keys, all limits together (`FLOODGATE_MAX_KEYS`).
@@ -395,6 +396,20 @@ where
 
     fn try_check_all(&self, checks: &[Check<'_>]) -> Option<Result<Decisions, BackendError>> {
         Some(Ok(self.decide_all(checks)))
+    }
+
+    async fn inspect(&self, checks: &[Check<'_>]) -> Result<Decisions, KeyStateError> {
+        if checks.iter().any(|c| c.key.is_fingerprint_only()) {
+            return Err(KeyStateError::NeedsValue(self.kind()));
+        }
+        Ok(checks.iter().map(|c| self.peek(c.limit, c.key)).collect())
+    }
+
+    async fn reset(&self, checks: &[Check<'_>]) -> Result<Forgotten, KeyStateError> {
+        if checks.iter().any(|c| c.key.is_fingerprint_only()) {
+            return Err(KeyStateError::NeedsValue(self.kind()));
+        }
+        Ok(checks.iter().map(|c| self.forget(c.limit, c.key)).collect())
     }
 
     fn retain_recent(&self) {

@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use crate::key::Fingerprinter;
+use crate::key::{Fingerprint, Fingerprinter};
 
 pub use algorithm::{ALGORITHM_SYNTAX, Algorithm, Counter, UnknownAlgorithm};
 pub use memory::MemoryBackend;
@@ -289,6 +289,9 @@ enum Repr {
     Global,
     Ip(IpAddr),
     Header(HeaderValue),
+    /// A header value known only by its fingerprint (the admin API's
+    /// `h:<fingerprint>`): the same [`RateKey::stable_id`] as the value.
+    HeaderFingerprint(Fingerprint),
     Bytes(Bytes),
     Composite(Arc<[RateKey]>),
 }
@@ -307,6 +310,26 @@ impl RateKey {
     /// A header value such as an API key.
     pub fn header(value: HeaderValue) -> Self {
         RateKey(Repr::Header(value))
+    }
+
+    /// A header value known only by its [`Fingerprint`], as logs and admin
+    /// answers show it. Its [`stable_id`](Self::stable_id) is the value's
+    /// (`h:<fingerprint>`), so a store that names state by stable ids (Redis)
+    /// finds the value's state by it; a store keyed by the value itself (the
+    /// memory backend's hashed table) cannot, and says so
+    /// ([`KeyStateError::NeedsValue`]). No request ever has such a key.
+    pub fn header_fingerprint(fingerprint: Fingerprint) -> Self {
+        RateKey(Repr::HeaderFingerprint(fingerprint))
+    }
+
+    /// Whether this key, or a part of it, is a header value known only by
+    /// its fingerprint ([`header_fingerprint`](Self::header_fingerprint)).
+    pub fn is_fingerprint_only(&self) -> bool {
+        match &self.0 {
+            Repr::HeaderFingerprint(_) => true,
+            Repr::Composite(parts) => parts.iter().any(RateKey::is_fingerprint_only),
+            _ => false,
+        }
     }
 
     /// Arbitrary bytes from a custom extractor.
@@ -358,7 +381,7 @@ impl RateKey {
     /// | --- | --- |
     /// | global | `g` |
     /// | client address | `ip:` and the address (`ip:192.0.2.1`, `ip:2001:db8::`) |
-    /// | header value | `h:` and its [`Fingerprint`](crate::key::Fingerprint), always |
+    /// | header value | `h:` and its [`Fingerprint`], always |
     /// | custom bytes | `b:` and their fingerprint, always |
     /// | composite | `c:` and the fingerprint of its parts' ids, always |
     ///
@@ -392,6 +415,10 @@ impl RateKey {
                 return out.extend_from_slice(ip.to_string().as_bytes());
             }
             Repr::Header(value) => (b"h:", value.as_bytes()),
+            Repr::HeaderFingerprint(fingerprint) => {
+                out.extend_from_slice(b"h:");
+                return fingerprint.write_hex(out);
+            }
             Repr::Bytes(bytes) => (b"b:", bytes.as_ref()),
             Repr::Composite(parts) => {
                 // Each part's id, length-prefixed, so no split of the parts
@@ -433,6 +460,7 @@ impl fmt::Display for RateKey {
             Repr::Global => f.write_str("global"),
             Repr::Ip(ip) => write!(f, "ip:{ip}"),
             Repr::Header(value) => write!(f, "header:{}", Redacted(value.as_bytes())),
+            Repr::HeaderFingerprint(fingerprint) => write!(f, "header:h:{fingerprint}"),
             Repr::Bytes(bytes) => write!(f, "key:{}", Redacted(bytes)),
             Repr::Composite(parts) => {
                 for (i, part) in parts.iter().enumerate() {
@@ -470,6 +498,10 @@ pub struct Check<'a> {
 /// One [`Decision`] per [`Check`], in order (inline up to four).
 pub type Decisions = SmallVec<[Decision; 4]>;
 
+/// Per [`Check`] of a [`Backend::reset`], in order: whether the key had
+/// state under that limit to forget.
+pub type Forgotten = SmallVec<[bool; 4]>;
+
 /// Where rate-limit state lives.
 ///
 /// Implementations must make [`check_all`](Self::check_all) atomic: two
@@ -505,6 +537,34 @@ pub trait Backend: Send + Sync {
             None => self.check_all(&checks).await?,
         };
         Ok(decisions[0])
+    }
+
+    /// Runs when the admin API is asked for a key's state (`GET
+    /// /limits/{rule}/{key}`), never on the request path: what each check's
+    /// key has left now, one [`Decision`] per check made without charging
+    /// anything (a [`Decision::Limited`] says a request would be refused
+    /// now, and when it may retry). State is read where decisions read it
+    /// (Redis on Redis's clock), so every replica answers alike.
+    ///
+    /// The default answers [`KeyStateError::Unsupported`]: a backend
+    /// written before this method existed keeps compiling, and the admin
+    /// API answers 501 for it.
+    async fn inspect(&self, checks: &[Check<'_>]) -> Result<Decisions, KeyStateError> {
+        let _ = checks;
+        Err(KeyStateError::Unsupported(self.kind()))
+    }
+
+    /// Runs when the admin API resets a key (`DELETE
+    /// /limits/{rule}/{key}`): forgets each check's state wherever this
+    /// backend keeps it (shared state, and any copy this process holds: a
+    /// cache of refusals, a fallback's table), so the key's next request is
+    /// a fresh key's and gets a full burst. Answers, per check, whether
+    /// there was state to forget.
+    ///
+    /// The default answers [`KeyStateError::Unsupported`] (501).
+    async fn reset(&self, checks: &[Check<'_>]) -> Result<Forgotten, KeyStateError> {
+        let _ = checks;
+        Err(KeyStateError::Unsupported(self.kind()))
     }
 
     /// Runs on each worker's runtime as it starts, before its first request
@@ -557,6 +617,26 @@ pub enum BackendError {
     /// The store cannot be reached or refused the command; the text says why.
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// Why a key's state could not be read or forgotten ([`Backend::inspect`],
+/// [`Backend::reset`]).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyStateError {
+    /// This backend cannot look at or forget single keys (the trait's
+    /// default).
+    #[error("the {0} backend cannot inspect or reset single keys")]
+    Unsupported(&'static str),
+    /// A header key given by its fingerprint
+    /// ([`RateKey::header_fingerprint`]) to a backend that keeps keys under
+    /// a hash of the value itself, which no fingerprint leads to.
+    #[error(
+        "the {0} backend keeps header keys under a hash of the value, which a fingerprint does not lead to: give the header value itself"
+    )]
+    NeedsValue(&'static str),
+    /// The store could not answer.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 #[cfg(test)]

@@ -70,6 +70,15 @@
 //! charged anyway), at no round trip. Its other limits report what this
 //! replica last heard from Redis for them under `local`, a fresh key's
 //! budget otherwise (they are not charged either way).
+//!
+//! A reset (the admin API's `DELETE /limits/…`, [`Backend::reset`]) deletes
+//! the key's Redis keys and forgets what this replica holds of it (cached
+//! refusal, last known state, admissions owed), then announces itself on the
+//! `<prefix>reset` channel: every replica subscribed there (one Redis; a
+//! Cluster caches refusals at most [`CLUSTER_BLOCKED_MAX`]) drops its cached
+//! refusals, so none keeps refusing a key that was just given a fresh
+//! budget. Other replicas' `local` fallback tables keep what they last knew
+//! of the key until it expires: they decide only while Redis is down.
 
 mod circuit;
 mod fallback;
@@ -78,7 +87,7 @@ mod scripts;
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -98,8 +107,8 @@ use self::scripts::{CHARGE_SCRIPT, Params};
 pub use self::scripts::{DECIDE_SCRIPT, REFUND_SCRIPT};
 use super::algorithm::State as KeyState;
 use super::{
-    Algorithm, Backend, BackendError, Check, Decision, Decisions, Health, Limit, MAX_STABLE_ID,
-    MemoryBackend, RateKey,
+    Algorithm, Backend, BackendError, Check, Decision, Decisions, Forgotten, Health, KeyStateError,
+    Limit, MAX_STABLE_ID, MemoryBackend, RateKey,
 };
 use crate::key::Fingerprinter;
 use crate::observe::Metrics;
@@ -373,6 +382,84 @@ impl RedisBackend {
         Ok(decisions)
     }
 
+    /// What each check's key has left, read from Redis on its clock without
+    /// charging (see [`Backend::inspect`]): the decision script in its
+    /// "only look" mode, one call per Cluster slot group.
+    async fn look(&self, checks: &[Check<'_>]) -> Result<Decisions, KeyStateError> {
+        let inner = &self.inner;
+        let entries: SmallVec<[Entry; 4]> = checks.iter().map(|c| inner.entry(c)).collect();
+        let mut decisions: Decisions = checks
+            .iter()
+            .map(|c| c.limit.counter().peek(None, 0))
+            .collect();
+        for idx in inner.groups(&entries) {
+            let group = idx.iter().map(|&i| entries[i].clone()).collect();
+            let answer = batch::decide(inner, group, false)
+                .await
+                .map_err(|failure| failure.error)?;
+            for (j, &i) in idx.iter().enumerate() {
+                decisions[i] = checks[i].limit.counter().peek(answer.held[j], answer.t0);
+            }
+        }
+        Ok(decisions)
+    }
+
+    /// Forgets each check's state in Redis and on this replica (see
+    /// [`Backend::reset`]): this replica's copies first (its cached
+    /// refusals, its `local` fallback's last known state, the admissions it
+    /// owes Redis), then one `DEL` per Redis key, so a key of any Cluster
+    /// slot is deleted on its own node.
+    async fn forget(&self, checks: &[Check<'_>]) -> Result<Forgotten, KeyStateError> {
+        let inner = &self.inner;
+        let keys: SmallVec<[Vec<u8>; 4]> = checks
+            .iter()
+            .map(|c| inner.redis_key(c.limit, c.key))
+            .collect();
+        for (check, key) in checks.iter().zip(&keys) {
+            if check.key.is_fingerprint_only() {
+                // The cache is keyed by the value, which a fingerprint does
+                // not lead to: forget every refusal (each asks Redis again).
+                inner.blocked.clear();
+            } else {
+                inner.blocked.forget(check.limit, check.key);
+                inner.local.forget(check.limit, check.key);
+            }
+            inner.local.forgive(key);
+        }
+        let Some(conn) = inner.connection() else {
+            return Err(BackendError::Unavailable("not connected to redis".into()).into());
+        };
+        let patience = inner.patience();
+        let deletes = keys.iter().map(|key| {
+            let mut conn = conn.clone();
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(key);
+            async move {
+                match actix_web::rt::time::timeout(patience, cmd.query_async::<i64>(&mut conn))
+                    .await
+                {
+                    Ok(Ok(n)) => Ok(n > 0),
+                    Ok(Err(err)) => Err(BackendError::Unavailable(err.to_string())),
+                    Err(_) => Err(BackendError::Timeout(patience)),
+                }
+            }
+        });
+        let deleted = futures_util::future::join_all(deletes).await;
+        let forgotten = deleted.into_iter().collect::<Result<Forgotten, _>>()?;
+        if let RedisTarget::Single(_) = inner.target {
+            // Other replicas may hold a refusal of this key in their cache.
+            let mut conn = conn.clone();
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(inner.reset_channel()).arg(keys.len());
+            match actix_web::rt::time::timeout(patience, cmd.query_async::<i64>(&mut conn)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => log::warn!("reset: telling other replicas failed: {err}"),
+                Err(_) => log::warn!("reset: telling other replicas got no answer in {patience:?}"),
+            }
+        }
+        Ok(forgotten)
+    }
+
     /// Whether the circuit is closed (Redis answering).
     pub fn is_up(&self) -> bool {
         self.inner.circuit.state() == State::Up
@@ -389,6 +476,14 @@ impl Backend for RedisBackend {
         self.inner.blocked_answer(checks).map(Ok)
     }
 
+    async fn inspect(&self, checks: &[Check<'_>]) -> Result<Decisions, KeyStateError> {
+        self.look(checks).await
+    }
+
+    async fn reset(&self, checks: &[Check<'_>]) -> Result<Forgotten, KeyStateError> {
+        self.forget(checks).await
+    }
+
     fn start(&self) {
         // Each worker opens its own connection now, not on its first
         // decision (which would wait for it, or take the shared one).
@@ -400,6 +495,7 @@ impl Backend for RedisBackend {
                 Ok(io) => {
                     let _ = self.inner.io.set(io);
                     Inner::probe(&self.inner);
+                    Inner::listen_for_resets(&self.inner);
                 }
                 Err(err) => log::error!(
                     "cannot start the redis thread ({err}); {} from now on",
@@ -614,6 +710,59 @@ impl Inner {
     fn failed(self: &Arc<Self>) {
         self.circuit.failed();
         Inner::probe(self);
+    }
+
+    /// The channel resets are announced on: `<prefix>reset`.
+    fn reset_channel(&self) -> String {
+        format!("{}reset", self.prefix)
+    }
+
+    /// Subscribes, on the Redis thread, to the resets any replica announces
+    /// ([`RedisBackend::reset`] publishes one after its `DEL`s), and
+    /// forgets every cached refusal on each: a refusal this replica cached
+    /// for a key another replica has just reset would otherwise refuse that
+    /// key until its retry time (hours, for a daily window). The cache is
+    /// keyed by a hash of the key's value, which the announcement does not
+    /// carry, so it is cleared whole; each refused key then asks Redis once.
+    /// It is cleared on every (re)subscription too, for the resets missed
+    /// while not listening. One Redis only: on a Cluster refusals are cached
+    /// at most [`CLUSTER_BLOCKED_MAX`] anyway. The task holds the backend
+    /// weakly, so it ends with it.
+    fn listen_for_resets(self: &Arc<Self>) {
+        let (RedisTarget::Single(url), Some(io)) = (&self.target, self.io.get()) else {
+            return;
+        };
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        let url = url.clone();
+        let channel = self.reset_channel();
+        io.spawn(async move {
+            use futures_util::StreamExt as _;
+            loop {
+                let subscribed = async {
+                    let client = redis::Client::open(url.as_str())?;
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.subscribe(&channel).await?;
+                    Ok::<_, RedisError>(pubsub)
+                };
+                match subscribed.await {
+                    Ok(pubsub) => {
+                        let mut messages = pubsub.into_on_message();
+                        let Some(inner) = weak.upgrade() else { return };
+                        inner.blocked.clear();
+                        drop(inner);
+                        while messages.next().await.is_some() {
+                            let Some(inner) = weak.upgrade() else { return };
+                            inner.blocked.clear();
+                        }
+                    }
+                    Err(err) => log::debug!("subscribing to resets: {err}"),
+                }
+                if weak.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(PROBE_INTERVAL * 10).await;
+            }
+        });
     }
 
     /// Opens the circuit, logging once.
@@ -1586,6 +1735,16 @@ impl Blocked {
     fn retain_recent(&self) {
         let now = Instant::now();
         self.until.retain(|_, r| r.cached_until > now);
+    }
+
+    /// Forgets the refusal cached for `key` under `limit`, if any.
+    fn forget(&self, limit: &Limit, key: &RateKey) {
+        self.until.remove(&self.digest(limit, key));
+    }
+
+    /// Forgets every cached refusal: each refused key asks Redis again once.
+    fn clear(&self) {
+        self.until.clear();
     }
 }
 

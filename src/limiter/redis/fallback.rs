@@ -175,6 +175,18 @@ impl Local {
         }
     }
 
+    /// Forgets what this replica holds for `key` under `limit` (a reset):
+    /// its last known state. Returns whether there was any.
+    pub fn forget(&self, limit: &Limit, key: &RateKey) -> bool {
+        self.memory.forget(limit, key)
+    }
+
+    /// Drops the admissions owed to the Redis key `key` (a reset: charging
+    /// them back would undo it).
+    pub fn forgive(&self, key: &[u8]) {
+        self.owed.remove(key);
+    }
+
     pub fn retain_recent(&self) {
         self.memory.retain_recent();
     }
