@@ -362,6 +362,10 @@ pub const FINGERPRINT_LEN: usize = 16;
 /// across versions).
 const FINGERPRINT_CONTEXT: &str = "floodgate 2026-12 rate-limit key fingerprint v1";
 
+/// The scope fingerprints are made in when nothing else is said: the
+/// default Redis prefix, so logs and Redis key names agree out of the box.
+pub const DEFAULT_FINGERPRINT_SCOPE: &[u8] = b"floodgate:";
+
 /// Computes [`Fingerprint`]s: the one way floodgate turns a secret it counts
 /// by (an API key) into something it may store or show. Redis key names use
 /// it, and so should anything else that has to name a key (logs, metrics,

@@ -42,7 +42,7 @@ use futures_util::future::{LocalBoxFuture, Ready, ready};
 use smallvec::SmallVec;
 
 use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
-use crate::key::{ClientIp, Fingerprinter, KeyError, KeyExtractor};
+use crate::key::{ClientIp, DEFAULT_FINGERPRINT_SCOPE, Fingerprinter, KeyError, KeyExtractor};
 use crate::limiter::{Backend, Check, Decisions, Limit, RateKey};
 use crate::observe::Metrics;
 use crate::outage::OutageLog;
@@ -61,10 +61,6 @@ pub enum FailurePolicy {
 }
 
 pub use crate::respond::CLOSED_RETRY_AFTER;
-
-/// The scope key fingerprints are made in when nothing else is said: the
-/// default Redis prefix, so logs and Redis key names agree out of the box.
-const DEFAULT_FINGERPRINT_SCOPE: &[u8] = b"floodgate:";
 
 /// Rate-limits every request that passes through the wrapped service.
 ///

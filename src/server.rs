@@ -94,7 +94,10 @@ impl Floodgate {
         }
         let metrics = Arc::new(Metrics::default());
         let backend: Arc<dyn Backend> = match settings.backend {
-            BackendKind::Memory => Arc::new(MemoryBackend::new(settings.max_keys)),
+            BackendKind::Memory => Arc::new(
+                MemoryBackend::new(settings.max_keys)
+                    .fingerprints(Fingerprinter::new(settings.redis.prefix.as_bytes())),
+            ),
             BackendKind::Redis => {
                 let redis = &settings.redis;
                 let target = if redis.cluster.is_empty() {

@@ -43,8 +43,8 @@
 //! ```
 //!
 //! Times are seconds (fractions allowed). Errors: `unknown_rule` 404,
-//! `bad_key` 400, `needs_value` 400 (a fingerprint given to a backend that
-//! keeps keys by value), `custom_key` 501 (an embedder's extractor makes the
+//! `bad_key` 400, `needs_value` 400 (a fingerprint given to an embedder's
+//! backend that keeps keys by value), `custom_key` 501 (an embedder's extractor makes the
 //! keys), `unsupported` 501 (a backend without inspect and reset),
 //! `backend_unavailable` 503.
 

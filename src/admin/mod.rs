@@ -83,11 +83,7 @@ pub fn configure(admin: Admin) -> impl Fn(&mut web::ServiceConfig) + Clone {
             )
             // Last: this scope's empty prefix would otherwise take every
             // path.
-            .service(
-                web::scope("")
-                    .wrap(guard.clone())
-                    .configure(status::routes),
-            );
+            .service(web::scope("").wrap(guard.clone()).configure(status::routes));
     }
 }
 

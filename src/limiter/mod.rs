@@ -314,9 +314,10 @@ impl RateKey {
 
     /// A header value known only by its [`Fingerprint`], as logs and admin
     /// answers show it. Its [`stable_id`](Self::stable_id) is the value's
-    /// (`h:<fingerprint>`), so a store that names state by stable ids (Redis)
-    /// finds the value's state by it; a store keyed by the value itself (the
-    /// memory backend's hashed table) cannot, and says so
+    /// (`h:<fingerprint>`), so a store that names state by stable ids (Redis,
+    /// and the memory backend's hashed table for every key that is not
+    /// [plain](Self::is_plain)) finds the value's state by it; a store keyed
+    /// by the value itself cannot, and says so
     /// ([`KeyStateError::NeedsValue`]). No request ever has such a key.
     pub fn header_fingerprint(fingerprint: Fingerprint) -> Self {
         RateKey(Repr::HeaderFingerprint(fingerprint))
@@ -330,6 +331,13 @@ impl RateKey {
             Repr::Composite(parts) => parts.iter().any(RateKey::is_fingerprint_only),
             _ => false,
         }
+    }
+
+    /// Whether this key is an address or the global key: named in clear,
+    /// never fingerprinted (every other kind's [`stable_id`](Self::stable_id)
+    /// is a fingerprint).
+    pub fn is_plain(&self) -> bool {
+        matches!(self.0, Repr::Global | Repr::Ip(_))
     }
 
     /// Arbitrary bytes from a custom extractor.

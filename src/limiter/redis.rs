@@ -238,8 +238,11 @@ impl RedisBackend {
                 redis::cluster::ClusterClient::new(nodes.iter().map(String::as_str))?;
             }
         }
-        let local = Local::new(MemoryBackend::new(max_keys));
         let prefix = prefix.into();
+        let fingerprints = Fingerprinter::new(prefix.as_bytes());
+        // Keyed as Redis names keys, so an admin reset by fingerprint finds
+        // this replica's local state too.
+        let local = Local::new(MemoryBackend::new(max_keys).fingerprints(fingerprints.clone()));
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 target,
@@ -249,7 +252,7 @@ impl RedisBackend {
                 script: redis::Script::new(DECIDE_SCRIPT),
                 refund_script: redis::Script::new(REFUND_SCRIPT),
                 charge_script: redis::Script::new(CHARGE_SCRIPT),
-                fingerprints: Fingerprinter::new(prefix.as_bytes()),
+                fingerprints,
                 prefix,
                 timeout,
                 local,
@@ -422,8 +425,10 @@ impl RedisBackend {
                 inner.blocked.clear();
             } else {
                 inner.blocked.forget(check.limit, check.key);
-                inner.local.forget(check.limit, check.key);
             }
+            // The local table names keys as Redis does: by value or by
+            // fingerprint, it finds them.
+            inner.local.forget(check.limit, check.key);
             inner.local.forgive(key);
         }
         let Some(conn) = inner.connection() else {
