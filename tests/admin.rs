@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 
 use floodgate::key::Fingerprinter;
 use serde_json::Value;
-use support::{RedisServer, Response, eventually, proxy, request, upstream};
+use support::{RedisCluster, RedisServer, Response, eventually, proxy, request, upstream};
 
 const RULES: &str = r#"
 [[rules]]
@@ -448,4 +448,60 @@ fn without_a_token_loopback_peers_are_answered() {
         b"",
     );
     assert_eq!(res.status, 200);
+}
+
+#[test]
+fn on_redis_cluster_inspect_and_reset_work_across_slots_and_replicas() {
+    let cluster = RedisCluster::start();
+    let up = upstream().run();
+    let file = rules_file();
+    let replica = || {
+        let fg = with_rules(up.addr(), &file)
+            .env("FLOODGATE_BACKEND", "redis")
+            // Nothing listens at the single-node URL: only the cluster decides.
+            .env("FLOODGATE_REDIS_URL", "redis://127.0.0.1:1/")
+            .env("FLOODGATE_REDIS_CLUSTER", &cluster.urls())
+            .env("FLOODGATE_REDIS_TIMEOUT", "1s")
+            .env("FLOODGATE_REDIS_FAILURE", "closed")
+            .run();
+        eventually("the replica to reach the cluster", || {
+            (admin(fg.admin, "GET", "/readyz").text() == "ready: redis backend\n").then_some(())
+        });
+        fg
+    };
+    let (a, b) = (replica(), replica());
+    let client = "198.51.100.60";
+    // `tenant` counts the key+address (one slot) and `tenant-all` one global
+    // budget (`{g}`, another slot).
+    for _ in 0..2 {
+        assert_eq!(call(a.addr, "/tenant", client, Some(SECRET)), 200);
+    }
+    assert_eq!(call(a.addr, "/tenant", client, Some(SECRET)), 429);
+    let path = format!("/limits/tenant/{SECRET}+{client}");
+    let doc = json(&admin(b.admin, "GET", &path), 200);
+    assert_eq!(doc["limits"][0]["name"], "tenant");
+    assert_eq!(doc["limits"][0]["remaining"], 0, "{doc}");
+    assert_eq!(doc["limits"][1]["name"], "tenant-all");
+    assert_eq!(doc["limits"][1]["remaining"], 98, "{doc}");
+    assert!(!doc.to_string().contains(SECRET));
+
+    let doc = json(&admin(b.admin, "DELETE", &path), 200);
+    assert_eq!(doc["limits"][0]["had_state"], true, "{doc}");
+    // A caches a Cluster refusal for at most a second; a refused request is
+    // charged nothing, so waiting costs no cell.
+    eventually("A to see the reset", || {
+        (call(a.addr, "/tenant", client, Some(SECRET)) == 200).then_some(())
+    });
+    assert_eq!(
+        call(a.addr, "/tenant", client, Some(SECRET)),
+        200,
+        "a full burst of 2"
+    );
+    assert_eq!(call(a.addr, "/tenant", client, Some(SECRET)), 429);
+    let doc = json(&admin(a.admin, "GET", &path), 200);
+    assert_eq!(doc["limits"][0]["remaining"], 0);
+    assert_eq!(
+        doc["limits"][1]["remaining"], 96,
+        "the global budget was not reset: {doc}"
+    );
 }
