@@ -98,9 +98,9 @@ pub mod verdict;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+pub use admin::admin_probe;
 pub use error::ProxyError;
 pub use limiter::{
     Backend, BackendError, Decision, Health, Limit, MemoryBackend, Rate, RateKey, RedisBackend,
 };
 pub use middleware::{FailurePolicy, RateLimit};
-pub use admin::admin_probe;

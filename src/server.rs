@@ -21,8 +21,8 @@ use anyhow::Context as _;
 use crate::admin::{self, Admin, LastReload, ReloadStatus};
 use crate::key::{ClientIp, Fingerprinter};
 use crate::limiter::{Backend, Fallback, MemoryBackend, RedisBackend, RedisTarget};
-use crate::observe::{Metrics, Observe};
 use crate::middleware::{FailurePolicy, RateLimit};
+use crate::observe::{Metrics, Observe};
 use crate::proxy::{self, Upstream};
 use crate::settings::{BackendKind, Settings, redact_url};
 
@@ -167,6 +167,7 @@ impl Floodgate {
                 let count = rules.rules().count();
                 self.rate_limit.reload(rules);
                 self.last_reload.set(LastReload::ok());
+                self.metrics.reloaded(true);
                 log::info!("rules reloaded: {count} rules and the default");
                 Ok(())
             }
@@ -176,6 +177,7 @@ impl Floodgate {
                 }
                 self.last_reload
                     .set(LastReload::refused(err.problems.clone()));
+                self.metrics.reloaded(false);
                 Err(err.problems)
             }
         }
@@ -400,13 +402,13 @@ pub fn start(floodgate: Floodgate, listeners: Listeners) -> anyhow::Result<Runni
 
     let admin = admin::configure(floodgate.admin());
     let admin = HttpServer::new(move || App::new().configure(admin.clone()))
-    .workers(1)
-    .client_request_timeout(settings.client_timeout)
-    .shutdown_timeout(1)
-    .disable_signals()
-    .listen(listeners.admin)
-    .with_context(|| format!("serving admin on {admin_addr}"))?
-    .run();
+        .workers(1)
+        .client_request_timeout(settings.client_timeout)
+        .shutdown_timeout(1)
+        .disable_signals()
+        .listen(listeners.admin)
+        .with_context(|| format!("serving admin on {admin_addr}"))?
+        .run();
 
     // `Backend::start` runs when the first worker builds its middleware.
     let backend = floodgate.backend.clone();

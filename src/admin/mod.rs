@@ -16,7 +16,7 @@ use actix_web::{HttpResponse, web};
 use crate::key::Fingerprinter;
 use crate::limiter::{Backend, Health};
 use crate::middleware::RateLimit;
-use crate::observe::Metrics;
+use crate::observe::{Metrics, metrics};
 
 pub use rules::{LastReload, ReloadStatus};
 
@@ -27,7 +27,8 @@ pub struct Admin {
     pub backend: Arc<dyn Backend>,
     /// The middleware, for the rules in force.
     pub rate_limit: RateLimit,
-    /// The counters `/metrics` renders.
+    /// What `/metrics` renders (with the backend's state read at scrape
+    /// time).
     pub metrics: Arc<Metrics>,
     /// The outcome of the last reload.
     pub last_reload: Arc<ReloadStatus>,
@@ -86,8 +87,8 @@ async fn rules(admin: web::Data<Admin>) -> HttpResponse {
 
 async fn metrics(admin: web::Data<Admin>) -> HttpResponse {
     HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(admin.metrics.render())
+        .content_type(metrics::CONTENT_TYPE)
+        .body(admin.metrics.render(Some(admin.backend.clone())))
 }
 /// `GET path` on a local admin listener, blocking, with short timeouts.
 /// Returns the status code. A wildcard address (`0.0.0.0`, `[::]`) is probed
@@ -121,4 +122,3 @@ pub fn admin_probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
 }
-
