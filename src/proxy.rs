@@ -305,14 +305,15 @@ pub fn configure(upstream: Upstream) -> impl Fn(&mut web::ServiceConfig) + Clone
     }
 }
 
+/// One worker's handle on the metrics: answer bodies hold it by this `Rc`,
+/// so forwarding one writes no reference count other workers share.
+#[allow(clippy::redundant_allocation)]
+type WorkerMetrics = Rc<Arc<Metrics>>;
+
 /// One worker's connection pool and the upstream it talks to.
 pub struct Forwarder {
     client: Rc<UpstreamClient>,
-    /// This worker's handle on the metrics: answer bodies hold it by this
-    /// `Rc`, so forwarding one writes no reference count other workers
-    /// share.
-    #[allow(clippy::redundant_allocation)]
-    metrics: Rc<Arc<Metrics>>,
+    metrics: WorkerMetrics,
     upstream: Upstream,
 }
 
@@ -455,7 +456,7 @@ fn exchange_error(err: ExchangeError, timeout: Duration) -> ProxyError {
 /// The client's answer: the upstream's status, end-to-end headers and body.
 /// If the upstream answered before the client's body was all read, the
 /// client's connection closes after it (the rest of that body is not read).
-fn respond(mut res: HttpResponse, answer: Answer, metrics: &Rc<Arc<Metrics>>) -> HttpResponse {
+fn respond(mut res: HttpResponse, answer: Answer, metrics: &WorkerMetrics) -> HttpResponse {
     let status = answer.status;
     *res.status_mut() = status;
     if answer.interrupted {

@@ -17,13 +17,10 @@ use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use std::sync::Arc;
-
 use actix_web::rt::time::{Instant, Sleep, sleep_until};
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::observe::Metrics;
 use crate::observe::metrics::UpstreamError;
 
 /// Why a body stream ended early.
@@ -264,18 +261,16 @@ pin_project_lite::pin_project! {
     /// An upstream answer's body that counts its failure, once, as an
     /// upstream error: `timeout` when the upstream fell silent mid-body,
     /// `truncated` otherwise (closed, reset or malformed before the end).
-    #[allow(clippy::redundant_allocation)]
     pub struct Counted<S> {
         #[pin]
         body: S,
-        metrics: Option<Rc<Arc<Metrics>>>,
+        metrics: Option<super::WorkerMetrics>,
     }
 }
 
 impl<S> Counted<S> {
     /// Counts `body`'s failure into `metrics` (this worker's handle).
-    #[allow(clippy::redundant_allocation)]
-    pub fn new(body: S, metrics: Rc<Arc<Metrics>>) -> Self {
+    pub fn new(body: S, metrics: super::WorkerMetrics) -> Self {
         Counted {
             body,
             metrics: Some(metrics),

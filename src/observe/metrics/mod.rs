@@ -202,12 +202,18 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 // === Metrics ===
 
+/// One limit's refusals: `limited`, `shadow_limited`.
+type LimitCells = Arc<Cells<2>>;
+
+/// Refusal counts by (rule, limit).
+type LimitTable = BTreeMap<(Arc<str>, Arc<str>), LimitCells>;
+
 /// Every metric floodgate keeps. Build one, share it (`Arc`) with each part
 /// that records (the middleware, the forwarder, the Redis backend, the
 /// [`Observe`](super::Observe) middleware) and with the admin listener.
 pub struct Metrics {
     rules: Mutex<BTreeMap<Arc<str>, Arc<Cells<REQUEST_CELLS>>>>,
-    limits: Mutex<BTreeMap<(Arc<str>, Arc<str>), Arc<Cells<2>>>>,
+    limits: Mutex<LimitTable>,
     backend_errors: Counter,
     upstream_responses: Cells<5>,
     upstream_errors: Cells<8>,
@@ -251,7 +257,7 @@ impl fmt::Debug for Metrics {
 pub struct RuleMetrics {
     requests: Arc<Cells<REQUEST_CELLS>>,
     /// Per limit, in the rule's order.
-    refusals: SmallVec<[Arc<Cells<2>>; 4]>,
+    refusals: SmallVec<[LimitCells; 4]>,
 }
 
 impl RuleMetrics {
@@ -425,7 +431,6 @@ impl Collector for Scrape {
                 }
             }
         }
-        drop(family);
 
         let limits: Vec<_> = lock(&m.limits)
             .iter()
@@ -448,7 +453,6 @@ impl Collector for Scrape {
                 counter(&mut family, &labels, cells.get(i))?;
             }
         }
-        drop(family);
 
         let family = encoder.encode_descriptor(
             names::BACKEND_ERRORS,
@@ -471,7 +475,6 @@ impl Collector for Scrape {
                 m.upstream_responses.get(i),
             )?;
         }
-        drop(family);
 
         let mut family = encoder.encode_descriptor(
             names::UPSTREAM_ERRORS,
@@ -483,7 +486,6 @@ impl Collector for Scrape {
             let value = m.upstream_errors.get(kind as usize);
             counter(&mut family, &[("kind", kind.label())], value)?;
         }
-        drop(family);
 
         for (name, help, histogram) in [
             (
@@ -524,7 +526,6 @@ impl Collector for Scrape {
         )?;
         counter(&mut family, &[("result", "ok")], m.reloads.get(0))?;
         counter(&mut family, &[("result", "refused")], m.reloads.get(1))?;
-        drop(family);
 
         let family = encoder.encode_descriptor(
             names::RULES_LAST_RELOAD_SUCCESS,
@@ -560,7 +561,6 @@ fn encode_backend(encoder: &mut DescriptorEncoder<'_>, backend: &dyn Backend) ->
         let labels = [("backend", kind), ("state", state)];
         gauge(&mut family, &labels, i64::from(state == health))?;
     }
-    drop(family);
 
     let stats = backend.stats();
     if let Some(keys) = stats.keys {
