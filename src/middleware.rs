@@ -31,6 +31,7 @@ use std::cell::RefCell;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix_web::Error;
 use actix_web::HttpMessage;
@@ -45,6 +46,7 @@ use crate::headers::{HeaderStyle, LimitHeaders, Recent, retry_after_secs};
 use crate::key::{ClientIp, DEFAULT_FINGERPRINT_SCOPE, Fingerprinter, KeyError, KeyExtractor};
 use crate::limiter::{Backend, Check, Decisions, Limit, RateKey};
 use crate::observe::Metrics;
+use crate::observe::metrics::RuleMetrics;
 use crate::outage::OutageLog;
 use crate::policy::{KeySpec, Rule, Rules, client_addr};
 use crate::respond;
@@ -111,6 +113,8 @@ pub struct Gate {
 
 struct Compiled {
     headers: LimitHeaders,
+    /// The rule's series, resolved once here rather than per request.
+    metrics: RuleMetrics,
     /// Each distinct key the rule's limits count, once.
     sources: SmallVec<[Source; 2]>,
     /// Per limit (in the rule's order): its index in `sources`.
@@ -126,12 +130,13 @@ enum Source {
 }
 
 impl Gate {
-    /// Prepares `rules` with rate-limit headers of `style`.
-    pub fn new(rules: Rules, style: HeaderStyle) -> Self {
+    /// Prepares `rules` with rate-limit headers of `style`, counting into
+    /// `metrics`.
+    pub fn new(rules: Rules, style: HeaderStyle, metrics: &Metrics) -> Self {
         let compiled = rules
             .rules()
             .chain([rules.default_rule()])
-            .map(|rule| Compiled::new(rule, style))
+            .map(|rule| Compiled::new(rule, style, metrics))
             .collect();
         Gate {
             rules: Arc::new(rules),
@@ -161,7 +166,7 @@ impl Gate {
 }
 
 impl Compiled {
-    fn new(rule: &Rule, style: HeaderStyle) -> Self {
+    fn new(rule: &Rule, style: HeaderStyle, metrics: &Metrics) -> Self {
         let limits: Vec<Limit> = rule.limits.iter().map(|l| l.limit.clone()).collect();
         let mut sources: SmallVec<[Source; 2]> = SmallVec::new();
         let mut source_of = SmallVec::new();
@@ -181,6 +186,7 @@ impl Compiled {
         }
         Compiled {
             headers: LimitHeaders::new(style, &limits),
+            metrics: metrics.rule(&rule.name, limits.iter().map(Limit::name)),
             sources,
             source_of,
         }
@@ -201,8 +207,9 @@ impl RateLimit {
     /// or the default rule.
     pub fn from_rules(backend: Arc<dyn Backend>, rules: Rules) -> Self {
         let style = HeaderStyle::Ietf;
+        let metrics = Arc::<Metrics>::default();
         RateLimit {
-            gate: Arc::new(ArcSwap::from_pointee(Gate::new(rules, style))),
+            gate: Arc::new(ArcSwap::from_pointee(Gate::new(rules, style, &metrics))),
             style,
             outage: Arc::new(OutageLog::new(format!(
                 "rate limiter ({} backend)",
@@ -213,7 +220,7 @@ impl RateLimit {
             extractor: None,
             fingerprints: Arc::new(Fingerprinter::new(DEFAULT_FINGERPRINT_SCOPE)),
             on_backend_error: FailurePolicy::Open,
-            metrics: Arc::default(),
+            metrics,
         }
     }
 
@@ -234,9 +241,19 @@ impl RateLimit {
     /// Which rate-limit headers responses carry.
     pub fn headers(mut self, style: HeaderStyle) -> Self {
         self.style = style;
-        let rules = Rules::clone(self.gate.load().rules());
-        self.gate = Arc::new(ArcSwap::from_pointee(Gate::new(rules, style)));
+        self.recompile();
         self
+    }
+
+    /// A fresh rule set of the same rules, for a changed header style or
+    /// metrics (clones made before keep the old one).
+    fn recompile(&mut self) {
+        let rules = Rules::clone(self.gate.load().rules());
+        self.gate = Arc::new(ArcSwap::from_pointee(Gate::new(
+            rules,
+            self.style,
+            &self.metrics,
+        )));
     }
 
     /// Shows keys in logs as fingerprints made by `fingerprints` (floodgate
@@ -255,9 +272,12 @@ impl RateLimit {
         self
     }
 
-    /// Counts decisions into `metrics` (shared with `/metrics`).
+    /// Counts decisions into `metrics` (shared with `/metrics`): each
+    /// request once, by rule, decision and how it was decided, the refusing
+    /// limit, and the backend's decision time.
     pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
+        self.recompile();
         self
     }
 
@@ -283,7 +303,8 @@ impl RateLimit {
     /// and algorithm are unchanged keep their counters (backends key state
     /// by [`Limit::id`]).
     pub fn reload(&self, rules: Rules) {
-        self.gate.store(Arc::new(Gate::new(rules, self.style)));
+        self.gate
+            .store(Arc::new(Gate::new(rules, self.style, &self.metrics)));
     }
 }
 
@@ -408,9 +429,9 @@ where
 
             let addr = client_addr(&req, &config.ip);
             if addr.is_some_and(|a| rule.is_denied(a, global)) {
-                config.metrics.denied.inc();
                 log::debug!("denied rule={} addr={addr:?}", rule.name);
                 verdict.outcome = Outcome::Denied;
+                compiled.metrics.record(&verdict);
                 let res = respond::denied(&req);
                 req.extensions_mut().insert(verdict);
                 return Ok(respond::refuse(req, res));
@@ -418,8 +439,8 @@ where
             let keys = match config.extract(&req, addr, rule, compiled) {
                 Ok(keys) => keys,
                 Err(err) => {
-                    config.metrics.rejected.inc();
                     verdict.outcome = Outcome::BadKey;
+                    compiled.metrics.record(&verdict);
                     req.extensions_mut().insert(verdict);
                     return Ok(respond::refuse(req, respond::bad_key(err)));
                 }
@@ -428,12 +449,12 @@ where
             verdict.key = keys.keys.first().cloned();
             if rule.limits.is_empty() {
                 // Never limited: nothing to ask.
-                config.metrics.allowed.inc();
                 verdict.outcome = if exempt {
                     Outcome::Exempt
                 } else {
                     Outcome::Allowed
                 };
+                compiled.metrics.record(&verdict);
                 req.extensions_mut().insert(verdict);
                 return Ok(service.call(req).await?.map_into_left_body());
             }
@@ -447,22 +468,27 @@ where
                     key: &keys.keys[source],
                 })
                 .collect();
+            let asked = Instant::now();
             let checked = match config.backend.try_check_all(&checks) {
                 Some(checked) => checked,
                 None => config.backend.check_all(&checks).await,
             };
+            config.metrics.decided_in(asked.elapsed());
             let decisions: Decisions = match checked {
                 Ok(decisions) => decisions,
                 Err(err) if exempt => {
                     // Never refused, whatever the failure policy says.
-                    config.metrics.backend_errors.inc();
+                    config.metrics.backend_error();
                     config.outage.record("let through (allow list)", &err);
                     verdict.outcome = Outcome::Exempt;
                     verdict.decided_by = DecidedBy::FailOpen;
+                    compiled.metrics.record(&verdict);
                     req.extensions_mut().insert(verdict);
                     return Ok(service.call(req).await?.map_into_left_body());
                 }
-                Err(err) => return on_backend_error(config, req, verdict, err, &service).await,
+                Err(err) => {
+                    return on_backend_error(config, compiled, req, verdict, err, &service).await;
+                }
             };
             // A decision from a backend that reports itself healthy (not one
             // a cache or the local fallback made while it is down) ends an
@@ -477,13 +503,12 @@ where
             };
             verdict.decided(rule.limits.iter().map(|l| &l.limit), &decisions, by);
             drop(checks);
+            if exempt {
+                verdict.outcome = Outcome::Exempt;
+            }
+            compiled.metrics.record(&verdict);
             match verdict.outcome {
-                Outcome::Allowed | Outcome::Limited | Outcome::ShadowLimited if exempt => {
-                    config.metrics.allowed.inc();
-                    verdict.outcome = Outcome::Exempt;
-                }
                 Outcome::Limited => {
-                    config.metrics.limited.inc();
                     log::debug!(
                         "limited rule={} key={} retry_after={:?}",
                         verdict.rule,
@@ -502,7 +527,6 @@ where
                     return Ok(respond::refuse(req, res));
                 }
                 Outcome::ShadowLimited => {
-                    config.metrics.shadow_limited.inc();
                     log::info!(
                         "shadow: rule={} limit={} would refuse key={} retry_after={}s",
                         verdict.rule,
@@ -513,7 +537,7 @@ where
                         verdict.retry_after().map_or(1, retry_after_secs)
                     );
                 }
-                _ => config.metrics.allowed.inc(),
+                _ => {}
             }
             let apply_headers = verdict.outcome == Outcome::Allowed && !verdict.shadow;
             req.extensions_mut().insert(verdict);
@@ -533,6 +557,7 @@ where
 
 async fn on_backend_error<S, B>(
     config: &RateLimit,
+    compiled: &Compiled,
     req: ServiceRequest,
     mut verdict: Verdict,
     err: crate::limiter::BackendError,
@@ -542,7 +567,7 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error>,
     B: MessageBody,
 {
-    config.metrics.backend_errors.inc();
+    config.metrics.backend_error();
     verdict.outcome = Outcome::Undecided;
     // As the access log and Redis show it: a header key only as its
     // fingerprint.
@@ -560,6 +585,7 @@ where
                 key()
             );
             verdict.decided_by = DecidedBy::FailOpen;
+            compiled.metrics.record(&verdict);
             req.extensions_mut().insert(verdict);
             Ok(service.call(req).await?.map_into_left_body())
         }
@@ -571,6 +597,7 @@ where
                 key()
             );
             verdict.decided_by = DecidedBy::FailClosed;
+            compiled.metrics.record(&verdict);
             req.extensions_mut().insert(verdict);
             Ok(respond::refuse(req, respond::limiter_unavailable()))
         }

@@ -48,6 +48,7 @@ use ipnet::IpNet;
 use crate::error::ProxyError;
 use crate::headers::tokens;
 use crate::key::{ClientIp, canonical};
+use crate::observe::metrics::UpstreamError;
 use crate::observe::{Metrics, UpstreamTiming};
 use crate::outage::OutageLog;
 
@@ -230,15 +231,12 @@ impl Upstream {
     fn count(&self, err: ProxyError) -> ProxyError {
         // The status the client gets says which kind of failure it was
         // (one map, in `ProxyError::status_code`).
+        if let Some(kind) = upstream_error(&err) {
+            self.metrics.upstream_error(kind);
+        }
         match err.status_code() {
-            StatusCode::GATEWAY_TIMEOUT => {
-                self.metrics.upstream_timeouts.inc();
-                self.outage.record("answered 504", &err);
-            }
-            StatusCode::BAD_GATEWAY => {
-                self.metrics.upstream_connect_errors.inc();
-                self.outage.record("answered 502", &err);
-            }
+            StatusCode::GATEWAY_TIMEOUT => self.outage.record("answered 504", &err),
+            StatusCode::BAD_GATEWAY => self.outage.record("answered 502", &err),
             _ => {}
         }
         err
@@ -247,6 +245,31 @@ impl Upstream {
     fn is_trusted(&self, addr: IpAddr) -> bool {
         self.trusted.is_trusted(addr)
     }
+}
+
+/// The kind of upstream failure `err` is, if it is one (the client's own
+/// failures are not).
+fn upstream_error(err: &ProxyError) -> Option<UpstreamError> {
+    use std::io::ErrorKind;
+    Some(match err {
+        ProxyError::UpstreamTimeout(_) => UpstreamError::Timeout,
+        ProxyError::Upstream(ExchangeError::Closed) => UpstreamError::Closed,
+        ProxyError::Upstream(ExchangeError::Invalid(_)) => UpstreamError::Protocol,
+        ProxyError::Upstream(ExchangeError::Timeout) => UpstreamError::Timeout,
+        ProxyError::Upstream(e @ ExchangeError::Connect(_)) => match e.io_kind() {
+            Some(ErrorKind::ConnectionRefused) => UpstreamError::Refused,
+            Some(ErrorKind::TimedOut) => UpstreamError::Timeout,
+            _ => UpstreamError::Connect,
+        },
+        ProxyError::Upstream(e) => match e.io_kind() {
+            Some(ErrorKind::TimedOut) => UpstreamError::Timeout,
+            Some(
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe,
+            ) => UpstreamError::Reset,
+            _ => UpstreamError::Other,
+        },
+        _ => return None,
+    })
 }
 
 /// Registers the forwarding service as the default service of an `App`.
@@ -274,6 +297,7 @@ pub fn configure(upstream: Upstream) -> impl Fn(&mut web::ServiceConfig) + Clone
             client: Rc::new(
                 UpstreamClient::new(host, port).reuse_after_body(upstream.reuse_after_body),
             ),
+            metrics: Rc::new(upstream.metrics.clone()),
             upstream: upstream.clone(),
         };
         cfg.app_data(web::Data::new(forwarder))
@@ -281,9 +305,15 @@ pub fn configure(upstream: Upstream) -> impl Fn(&mut web::ServiceConfig) + Clone
     }
 }
 
+/// One worker's handle on the metrics: answer bodies hold it by this `Rc`,
+/// so forwarding one writes no reference count other workers share.
+#[allow(clippy::redundant_allocation)]
+type WorkerMetrics = Rc<Arc<Metrics>>;
+
 /// One worker's connection pool and the upstream it talks to.
 pub struct Forwarder {
     client: Rc<UpstreamClient>,
+    metrics: WorkerMetrics,
     upstream: Upstream,
 }
 
@@ -356,7 +386,7 @@ pub async fn forward(
                 upstream.websocket_idle_timeout,
             )
         }
-        _ => Ok(respond(res, answer)),
+        _ => Ok(respond(res, answer, &forwarder.metrics)),
     }
 }
 
@@ -426,7 +456,7 @@ fn exchange_error(err: ExchangeError, timeout: Duration) -> ProxyError {
 /// The client's answer: the upstream's status, end-to-end headers and body.
 /// If the upstream answered before the client's body was all read, the
 /// client's connection closes after it (the rest of that body is not read).
-fn respond(mut res: HttpResponse, answer: Answer) -> HttpResponse {
+fn respond(mut res: HttpResponse, answer: Answer, metrics: &WorkerMetrics) -> HttpResponse {
     let status = answer.status;
     *res.status_mut() = status;
     if answer.interrupted {
@@ -440,10 +470,11 @@ fn respond(mut res: HttpResponse, answer: Answer) -> HttpResponse {
         // actix-http writes these without a body (and keeps a 304's length).
         return res;
     }
+    let body = body::Counted::new(answer.body, metrics.clone());
     let body = match (answer.has_body, answer.content_length) {
         // For HEAD the length announced is the resource's: keep it.
-        (_, Some(len)) => BoxBody::new(SizedStream::new(len, answer.body)),
-        (true, None) => BoxBody::new(BodyStream::new(answer.body)),
+        (_, Some(len)) => BoxBody::new(SizedStream::new(len, body)),
+        (true, None) => BoxBody::new(BodyStream::new(body)),
         (false, None) => BoxBody::new(actix_web::body::None::new()),
     };
     res.set_body(body)

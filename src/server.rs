@@ -186,6 +186,7 @@ impl Floodgate {
                 let count = rules.rules().count();
                 self.rate_limit.reload(rules);
                 self.last_reload.set(LastReload::ok());
+                self.metrics.reloaded(true);
                 log::info!("rules reloaded: {count} rules and the default");
                 Ok(())
             }
@@ -195,6 +196,7 @@ impl Floodgate {
                 }
                 self.last_reload
                     .set(LastReload::refused(err.problems.clone()));
+                self.metrics.reloaded(false);
                 Err(err.problems)
             }
         }

@@ -240,22 +240,25 @@ fn admin_endpoints_answer_and_count_decisions() {
     let metrics = get(fg.admin, "/metrics");
     assert_eq!(metrics.status, 200);
     let text = metrics.text();
-    assert!(
-        text.contains("# TYPE floodgate_requests_total counter"),
-        "{text}"
+    assert_eq!(
+        metrics.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
     );
     assert!(
-        text.contains("floodgate_requests_total{decision=\"allowed\"} 4\n"),
+        text.contains("# TYPE floodgate_requests counter\n"),
         "{text}"
     );
-    assert!(
-        text.contains("floodgate_requests_total{decision=\"limited\"} 3\n"),
-        "{text}"
-    );
-    assert!(
-        text.contains("floodgate_requests_total{decision=\"rejected\"} 0\n"),
-        "{text}"
-    );
+    for (decision, n) in [("allowed", 4), ("limited", 3), ("bad_key", 0)] {
+        let by = if decision == "bad_key" {
+            "none"
+        } else {
+            "backend"
+        };
+        let line = format!(
+            "floodgate_requests_total{{rule=\"default\",decision=\"{decision}\",decided_by=\"{by}\"}} {n}\n"
+        );
+        assert!(text.contains(&line), "{line} in {text}");
+    }
 }
 
 #[test]

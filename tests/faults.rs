@@ -469,7 +469,7 @@ fn upstream_failures_are_counted_in_metrics() {
     assert_eq!(scrape.status, 200);
     let text = scrape.text();
     assert_eq!(
-        metric(&text, "floodgate_upstream_errors_total{kind=\"connect\"}"),
+        metric(&text, "floodgate_upstream_errors_total{kind=\"closed\"}"),
         Some(1),
         "{text}"
     );

@@ -211,7 +211,9 @@ deny = ["203.0.113.0/24"]
     assert_eq!(up.requests(), 1);
     let metrics = request(fg.admin, "GET", "/metrics", &[], b"").text();
     assert!(
-        metrics.contains("floodgate_requests_total{decision=\"denied\"} 3\n"),
+        metrics.contains(
+            "floodgate_requests_total{rule=\"all\",decision=\"denied\",decided_by=\"none\"} 3\n"
+        ),
         "{metrics}"
     );
 }
@@ -239,7 +241,9 @@ shadow = true
     assert_eq!(up.requests(), 3);
     let metrics = request(fg.admin, "GET", "/metrics", &[], b"").text();
     assert!(
-        metrics.contains("floodgate_requests_total{decision=\"shadow_limited\"} 2\n"),
+        metrics.contains(
+            "floodgate_requests_total{rule=\"trial\",decision=\"shadow_limited\",decided_by=\"backend\"} 2\n"
+        ),
         "{metrics}"
     );
 }

@@ -24,7 +24,7 @@ use actix_web::{HttpResponse, web};
 use crate::key::Fingerprinter;
 use crate::limiter::{Backend, Fallback, Health};
 use crate::middleware::RateLimit;
-use crate::observe::{Board, Metrics};
+use crate::observe::{Board, Metrics, metrics};
 
 pub use auth::{Access, AdminToken, RequireAdmin};
 pub use rules::{LastReload, ReloadStatus};
@@ -36,7 +36,8 @@ pub struct Admin {
     pub backend: Arc<dyn Backend>,
     /// The middleware, for the rules in force.
     pub rate_limit: RateLimit,
-    /// The counters `/metrics` renders.
+    /// What `/metrics` renders (with the backend's state read at scrape
+    /// time).
     pub metrics: Arc<Metrics>,
     /// The outcome of the last reload.
     pub last_reload: Arc<ReloadStatus>,
@@ -124,8 +125,8 @@ async fn rules(admin: web::Data<Admin>) -> HttpResponse {
 
 async fn metrics(admin: web::Data<Admin>) -> HttpResponse {
     HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(admin.metrics.render())
+        .content_type(metrics::CONTENT_TYPE)
+        .body(admin.metrics.render(Some(admin.backend.clone())))
 }
 /// `GET path` on a local admin listener, blocking, with short timeouts.
 /// Returns the status code. A wildcard address (`0.0.0.0`, `[::]`) is probed

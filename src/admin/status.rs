@@ -7,7 +7,8 @@
 //!   "version": 1,
 //!   "generated_at": 1764770000,
 //!   "refresh_seconds": 2,
-//!   "totals": { "allowed": 10, "limited": 7, "shadow_limited": 0, "denied": 0, "rejected": 0 },
+//!   "totals": { "allowed": 10, "limited": 7, "shadow_limited": 0, "allow_listed": 0,
+//!               "denied": 0, "bad_key": 0, "undecided": 0 },
 //!   "series": { "until": 1764769999, "seconds": 180 },
 //!   "rules": [ { "rule": "login", "in_force": true,
 //!                "totals": { "allowed": 4, "limited": 5, … },
@@ -86,10 +87,11 @@ async fn status(admin: web::Data<Admin>) -> HttpResponse {
 /// Upstream failures by kind, as `floodgate_upstream_errors_total` counts
 /// them (the one place the page reads them from the metrics).
 fn upstream_errors(metrics: &Metrics) -> Value {
-    json!({
-        "connect": metrics.upstream_connect_errors.get(),
-        "timeout": metrics.upstream_timeouts.get(),
-    })
+    let kinds: serde_json::Map<String, Value> = metrics
+        .upstream_errors()
+        .map(|(kind, n)| (kind.label().to_owned(), json!(n)))
+        .collect();
+    Value::Object(kinds)
 }
 
 /// The `/status.json` document at `now`.

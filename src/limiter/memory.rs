@@ -442,6 +442,13 @@ where
         }
     }
 
+    fn stats(&self) -> super::BackendStats {
+        super::BackendStats {
+            keys: Some(self.total_len() as u64),
+            ..Default::default()
+        }
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }

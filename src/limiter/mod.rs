@@ -599,8 +599,40 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// What `/metrics` shows of the backend's state, read at scrape time
+    /// (off the request path). Backends that keep nothing worth showing
+    /// keep the default: nothing.
+    fn stats(&self) -> BackendStats {
+        BackendStats::default()
+    }
+
     /// A short name for logs: `memory`, `redis`, …
     fn kind(&self) -> &'static str;
+}
+
+/// A backend's state as `/metrics` shows it ([`Backend::stats`]); `None`
+/// for what a backend does not have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Keys whose state this process holds in memory (the memory backend's
+    /// table; Redis's local fallback table).
+    pub keys: Option<u64>,
+    /// The state of a circuit breaker in front of a remote store.
+    pub circuit: Option<CircuitState>,
+    /// Times the connections to a remote store were replaced.
+    pub reconnects: Option<u64>,
+}
+
+/// A circuit breaker's state, for [`BackendStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Not connected yet: the failure policy decides meanwhile.
+    Connecting,
+    /// The store answers and is asked.
+    Closed,
+    /// The store stopped answering: it is not asked, the failure policy
+    /// decides, and a probe asks until it answers again.
+    Open,
 }
 
 /// What `/readyz` reports about a backend.

@@ -107,8 +107,8 @@ use self::scripts::{CHARGE_SCRIPT, Params};
 pub use self::scripts::{DECIDE_SCRIPT, REFUND_SCRIPT};
 use super::algorithm::State as KeyState;
 use super::{
-    Algorithm, Backend, BackendError, Check, Decision, Decisions, Forgotten, Health, KeyStateError,
-    Limit, MAX_STABLE_ID, MemoryBackend, RateKey,
+    Algorithm, Backend, BackendError, BackendStats, Check, CircuitState, Decision, Decisions,
+    Forgotten, Health, KeyStateError, Limit, MAX_STABLE_ID, MemoryBackend, RateKey,
 };
 use crate::key::Fingerprinter;
 use crate::observe::Metrics;
@@ -171,6 +171,8 @@ struct Inner {
     /// Bumped when the probe replaces the connection: workers then replace
     /// theirs too.
     generation: AtomicU64,
+    /// Times `generation` was bumped (`/metrics`).
+    reconnects: AtomicU64,
     /// Calls whose batch gave up waiting and that have not ended yet: their
     /// late answers are counted before charging back.
     abandoned: AtomicUsize,
@@ -248,6 +250,7 @@ impl RedisBackend {
                 target,
                 conn: RwLock::new(None),
                 generation: AtomicU64::new(0),
+                reconnects: AtomicU64::new(0),
                 abandoned: AtomicUsize::new(0),
                 script: redis::Script::new(DECIDE_SCRIPT),
                 refund_script: redis::Script::new(REFUND_SCRIPT),
@@ -267,7 +270,8 @@ impl RedisBackend {
     }
 
     /// Counts decisions the local fallback made into `metrics`
-    /// (`floodgate_backend_errors_total`).
+    /// (`floodgate_backend_errors_total`; the middleware counts them by
+    /// rule as `decided_by="local"`).
     pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.metrics = Some(metrics);
@@ -537,6 +541,19 @@ impl Backend for RedisBackend {
         RedisBackend::is_up(self)
     }
 
+    fn stats(&self) -> BackendStats {
+        let inner = &self.inner;
+        BackendStats {
+            keys: Some(inner.local.keys() as u64),
+            circuit: Some(match inner.circuit.state() {
+                State::Connecting => CircuitState::Connecting,
+                State::Up => CircuitState::Closed,
+                State::Down => CircuitState::Open,
+            }),
+            reconnects: Some(inner.reconnects.load(Ordering::Relaxed)),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         "redis"
     }
@@ -700,7 +717,7 @@ impl Inner {
             Fallback::Local => {
                 // Under `open` and `closed` the middleware counts the error.
                 if let Some(metrics) = &self.metrics {
-                    metrics.backend_errors.inc();
+                    metrics.backend_error();
                 }
                 Ok(self
                     .local
@@ -768,6 +785,13 @@ impl Inner {
                 tokio::time::sleep(PROBE_INTERVAL * 10).await;
             }
         });
+    }
+
+    /// Every connection is replaced: the probe's now, each worker's on its
+    /// next decision.
+    fn reconnected(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Opens the circuit, logging once.
@@ -890,7 +914,7 @@ impl Inner {
                             silent += 1;
                             if silent % RECONNECT_AFTER == 0 {
                                 inner.conn.write().unwrap_or_else(|e| e.into_inner()).take();
-                                inner.generation.fetch_add(1, Ordering::AcqRel);
+                                inner.reconnected();
                             }
                         }
                     }
@@ -923,7 +947,7 @@ impl Inner {
             // Workers' connections may have failed with the outage (the
             // manager gives up reconnecting): they open new ones, and decide
             // on the probe's connection, which just answered, meanwhile.
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.reconnected();
         }
         let since = self
             .circuit

@@ -37,7 +37,7 @@ use serde::Serialize;
 
 use crate::key::{ClientIp, Fingerprinter};
 use crate::limiter::RateKey;
-use crate::verdict::{DecidedBy, Outcome, Verdict};
+use crate::verdict::{Outcome, Verdict};
 
 use super::Exchange;
 
@@ -66,35 +66,37 @@ pub const TOP_MINUTES: usize = 5;
 pub const TOP_SHOWN: usize = 10;
 
 /// What `/metrics` counts a request as (`floodgate_requests_total`'s
-/// `decision` label).
+/// `decision` label), one variant per value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tally {
-    /// Let through by the limiter, an allow list, or a rule with no limits.
+    /// Let through by the limiter, or by a rule with no limits.
     Allowed,
     /// Answered `429`.
     Limited,
     /// Forwarded, but a shadow rule would have refused it.
     ShadowLimited,
+    /// Its network or key is on an allow list: forwarded, never refused.
+    AllowListed,
     /// Answered `403`: the client network is denied.
     Denied,
     /// Answered `400`: no key could be derived.
-    Rejected,
+    BadKey,
+    /// The limiter could not decide: forwarded (`open`) or answered `503`
+    /// (`closed`).
+    Undecided,
 }
 
 impl Tally {
-    /// How `/metrics` counted `verdict`, or `None` when it counted it only as
-    /// a backend error (the limiter could not decide; an allow-listed
-    /// request let through that way included).
-    pub fn of(verdict: &Verdict) -> Option<Tally> {
+    /// How `/metrics` counted `verdict`.
+    pub fn of(verdict: &Verdict) -> Tally {
         match verdict.outcome {
-            Outcome::Allowed => Some(Tally::Allowed),
-            Outcome::Exempt if verdict.decided_by == DecidedBy::FailOpen => None,
-            Outcome::Exempt => Some(Tally::Allowed),
-            Outcome::Limited => Some(Tally::Limited),
-            Outcome::ShadowLimited => Some(Tally::ShadowLimited),
-            Outcome::Denied => Some(Tally::Denied),
-            Outcome::BadKey => Some(Tally::Rejected),
-            Outcome::Undecided => None,
+            Outcome::Allowed => Tally::Allowed,
+            Outcome::Limited => Tally::Limited,
+            Outcome::ShadowLimited => Tally::ShadowLimited,
+            Outcome::Exempt => Tally::AllowListed,
+            Outcome::Denied => Tally::Denied,
+            Outcome::BadKey => Tally::BadKey,
+            Outcome::Undecided => Tally::Undecided,
         }
     }
 }
@@ -108,10 +110,14 @@ pub struct Totals {
     pub limited: u64,
     /// `decision="shadow_limited"`.
     pub shadow_limited: u64,
+    /// `decision="allow_listed"`.
+    pub allow_listed: u64,
     /// `decision="denied"`.
     pub denied: u64,
-    /// `decision="rejected"`.
-    pub rejected: u64,
+    /// `decision="bad_key"`.
+    pub bad_key: u64,
+    /// `decision="undecided"`.
+    pub undecided: u64,
 }
 
 impl std::ops::AddAssign for Totals {
@@ -119,8 +125,10 @@ impl std::ops::AddAssign for Totals {
         self.allowed += other.allowed;
         self.limited += other.limited;
         self.shadow_limited += other.shadow_limited;
+        self.allow_listed += other.allow_listed;
         self.denied += other.denied;
-        self.rejected += other.rejected;
+        self.bad_key += other.bad_key;
+        self.undecided += other.undecided;
     }
 }
 
@@ -179,7 +187,7 @@ impl Ring {
 /// One rule's counts.
 struct RuleSlot {
     name: Arc<str>,
-    totals: [AtomicU64; 5],
+    totals: [AtomicU64; 7],
     ring: Ring,
 }
 
@@ -197,14 +205,23 @@ impl RuleSlot {
     }
 
     fn totals(&self) -> Totals {
-        let [allowed, limited, shadow_limited, denied, rejected] =
-            self.totals.each_ref().map(|c| c.load(Ordering::Relaxed));
+        let [
+            allowed,
+            limited,
+            shadow_limited,
+            allow_listed,
+            denied,
+            bad_key,
+            undecided,
+        ] = self.totals.each_ref().map(|c| c.load(Ordering::Relaxed));
         Totals {
             allowed,
             limited,
             shadow_limited,
+            allow_listed,
             denied,
-            rejected,
+            bad_key,
+            undecided,
         }
     }
 }
@@ -426,14 +443,13 @@ impl Board {
         let Some(verdict) = exchange.verdict else {
             return;
         };
-        let Some(tally) = Tally::of(verdict) else {
-            return;
-        };
+        let tally = Tally::of(verdict);
         let sec = self.second(at);
         let slot = self.slot(&verdict.rule);
         slot.totals[tally as usize].fetch_add(1, Ordering::Relaxed);
         match tally {
-            Tally::Allowed => slot.ring.add(ALLOWED, sec),
+            // Forwarded either way: the chart's allowed series.
+            Tally::Allowed | Tally::AllowListed => slot.ring.add(ALLOWED, sec),
             Tally::Limited => {
                 slot.ring.add(LIMITED, sec);
                 self.count_refusal(verdict.key.as_ref(), req, sec);
@@ -541,6 +557,7 @@ impl Board {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::verdict::DecidedBy;
     use actix_web::http::StatusCode;
     use actix_web::test::TestRequest;
     use std::time::Duration;
@@ -651,11 +668,13 @@ mod tests {
         assert_eq!(
             at(&b, 2).rules[0].totals,
             Totals {
-                allowed: 3,
+                allowed: 2,
                 limited: 3,
                 shadow_limited: 4,
+                allow_listed: 2,
                 denied: 5,
-                rejected: 6,
+                bad_key: 6,
+                undecided: 7,
             }
         );
     }

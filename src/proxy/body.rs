@@ -1,9 +1,11 @@
-//! The request body's deadlines.
+//! The request body's deadlines, and the count of answer bodies cut short.
 //!
 //! [`RequestBody`] hands the client's body to the upstream chunk by chunk,
 //! fails it with [`BodyError::ClientIdle`] when the client stops sending, and
 //! records each hand-over in a [`Progress`], which the upstream deadline
-//! watches. (The response side is `client::ResponseBody`.)
+//! watches. (The response side is `client::ResponseBody`; [`Counted`] wraps
+//! it to count an answer that fails after its head went out, which no
+//! status can report.)
 //!
 //! Timers are armed only when a stream actually has to wait, and re-armed
 //! only after data moved, so a stream that is not polled (because the other
@@ -18,6 +20,8 @@ use std::time::Duration;
 use actix_web::rt::time::{Instant, Sleep, sleep_until};
 use bytes::Bytes;
 use futures_util::Stream;
+
+use crate::observe::metrics::UpstreamError;
 
 /// Why a body stream ended early.
 #[derive(Debug, thiserror::Error)]
@@ -248,5 +252,49 @@ mod tests {
         let mut uncapped = body(&[b"abc", b"def"], None);
         assert_eq!(uncapped.next().await.unwrap().unwrap(), "abc");
         assert_eq!(uncapped.next().await.unwrap().unwrap(), "def");
+    }
+}
+
+// === Counted ===
+
+pin_project_lite::pin_project! {
+    /// An upstream answer's body that counts its failure, once, as an
+    /// upstream error: `timeout` when the upstream fell silent mid-body,
+    /// `truncated` otherwise (closed, reset or malformed before the end).
+    pub struct Counted<S> {
+        #[pin]
+        body: S,
+        metrics: Option<super::WorkerMetrics>,
+    }
+}
+
+impl<S> Counted<S> {
+    /// Counts `body`'s failure into `metrics` (this worker's handle).
+    pub fn new(body: S, metrics: super::WorkerMetrics) -> Self {
+        Counted {
+            body,
+            metrics: Some(metrics),
+        }
+    }
+}
+
+impl<S> Stream for Counted<S>
+where
+    S: Stream<Item = Result<Bytes, BodyError>>,
+{
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.project();
+        let item = ready!(this.body.poll_next(cx));
+        if let Some(Err(err)) = &item
+            && let Some(metrics) = this.metrics.take()
+        {
+            metrics.upstream_error(match err {
+                BodyError::UpstreamIdle(_) => UpstreamError::Timeout,
+                _ => UpstreamError::Truncated,
+            });
+        }
+        Poll::Ready(item)
     }
 }

@@ -60,6 +60,11 @@ pub struct Local {
 }
 
 impl Local {
+    /// Keys held in the local table.
+    pub fn keys(&self) -> usize {
+        self.memory.total_len()
+    }
+
     pub fn new(memory: MemoryBackend) -> Self {
         Local {
             memory,
