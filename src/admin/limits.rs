@@ -194,17 +194,7 @@ async fn inspect(admin: &Admin, req: &HttpRequest) -> Result<Value, LimitsError>
         .iter()
         .map(|l| target.key.for_spec(l.key_spec(rule)))
         .collect();
-    let checks: SmallVec<[Check<'_>; 4]> = rule
-        .limits
-        .iter()
-        .zip(&keys)
-        .filter_map(|(l, key)| {
-            Some(Check {
-                limit: &l.limit,
-                key: key.as_ref()?,
-            })
-        })
-        .collect();
+    let checks = checks(rule, &keys);
     let mut decisions = admin.backend.inspect(&checks).await?.into_iter();
     let mut allowed_now = true;
     let limits: Vec<Value> = rule
@@ -245,6 +235,21 @@ async fn inspect(admin: &Admin, req: &HttpRequest) -> Result<Value, LimitsError>
     }))
 }
 
+/// One check per limit of `rule` whose key `keys` holds (in the rule's
+/// order; a limit whose key cannot be derived is left out).
+fn checks<'a>(rule: &'a Rule, keys: &'a [Option<RateKey>]) -> SmallVec<[Check<'a>; 4]> {
+    rule.limits
+        .iter()
+        .zip(keys)
+        .filter_map(|(l, key)| {
+            Some(Check {
+                limit: &l.limit,
+                key: key.as_ref()?,
+            })
+        })
+        .collect()
+}
+
 async fn reset(admin: &Admin, req: &HttpRequest) -> Result<Value, LimitsError> {
     let target = target(admin, req)?;
     let rule = target.rule();
@@ -261,17 +266,7 @@ async fn reset(admin: &Admin, req: &HttpRequest) -> Result<Value, LimitsError> {
             }
         })
         .collect();
-    let checks: SmallVec<[Check<'_>; 4]> = rule
-        .limits
-        .iter()
-        .zip(&keys)
-        .filter_map(|(l, key)| {
-            Some(Check {
-                limit: &l.limit,
-                key: key.as_ref()?,
-            })
-        })
-        .collect();
+    let checks = checks(rule, &keys);
     let mut forgotten = if checks.is_empty() {
         SmallVec::new()
     } else {
