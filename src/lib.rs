@@ -4,8 +4,9 @@
 //!
 //! floodgate is a rate-limiting reverse proxy in front of one web server.
 //! Each request gets a client key (peer address, a trusted `X-Forwarded-For`
-//! address, or an API-key header), the key is checked against a GCRA limit
-//! such as `10/min` with a burst, and the request is either streamed to the
+//! address, or an API-key header), the key is checked against the limits of
+//! the rule the request matches (GCRA such as `10/min` with a burst by
+//! default, or fixed and sliding windows), and the request is either streamed to the
 //! upstream (hop-by-hop headers stripped, `X-Forwarded-*` set) or answered
 //! `429 Too Many Requests` with `Retry-After` and rate-limit headers. Limiter
 //! state lives in memory (governor's GCRA over a bounded key table) or, for
@@ -39,6 +40,18 @@
 //! * Every failure becomes a status code in one place, [`ProxyError`]. An
 //!   outage of the upstream or of Redis is logged as transitions and periodic
 //!   counts ([`outage`]), never a line per request.
+//! * [`observe`] shows what the gate decides: hand the same
+//!   [`Metrics`](observe::Metrics) to [`RateLimit::metrics`] and
+//!   [`proxy::Upstream::metrics`], and wrap [`Observe`](observe::Observe)
+//!   outermost, so every answer is timed and counted (and, with an
+//!   [`AccessLog`](observe::AccessLog), logged; the status page's
+//!   [`Board`](observe::Board) is fed there too). Keys appear only as
+//!   [fingerprints](key::Fingerprinter).
+//! * [`admin`] is the admin listener's side: [`admin::configure`] adds
+//!   `/healthz`, `/readyz`, `/metrics`, `/rules`, `/limits/{rule}/{key}`
+//!   (inspect and reset one client, through [`Backend::inspect`] and
+//!   [`Backend::reset`]) and the status page to an `App`, behind the
+//!   `FLOODGATE_ADMIN_TOKEN` / loopback guard ([`admin::auth`]).
 //!
 //! ```
 //! use std::{num::NonZeroU32, sync::Arc};
