@@ -77,6 +77,7 @@ impl Floodgate {
             board: self.board.clone(),
             redis_failure: self.settings.redis.failure,
             access: Access::new(self.settings.admin_token.clone()),
+            access_log: self.access_log.clone(),
         }
     }
 

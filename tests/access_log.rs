@@ -490,3 +490,32 @@ fn bad_values_stop_startup_with_one_line_naming_the_variable() {
         assert!(out.stdout.is_empty());
     }
 }
+
+#[test]
+fn metrics_report_dropped_lines_only_when_the_access_log_is_on() {
+    let up = upstream().route("/hello", "hello").run();
+    let upstream_url = format!("http://{}", up.addr());
+    let scrape = |access_log: &str| {
+        let mut fg = Binary::start_capturing(&[
+            ("FLOODGATE_UPSTREAM", upstream_url.as_str()),
+            ("FLOODGATE_ACCESS_LOG", access_log),
+        ]);
+        assert_eq!(get(fg.addr, "/hello").status, 200);
+        let metrics = get(fg.admin, "/metrics").text();
+        let (status, stdout, stderr) = fg.stop_and_output();
+        assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
+        (metrics, stdout)
+    };
+    let (metrics, stdout) = scrape("json");
+    assert!(
+        metrics.contains("\nfloodgate_access_log_dropped_total 0\n"),
+        "{metrics}"
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let (metrics, stdout) = scrape("off");
+    assert!(
+        !metrics.contains("floodgate_access_log_dropped"),
+        "{metrics}"
+    );
+    assert_eq!(stdout, "");
+}

@@ -24,7 +24,7 @@ use actix_web::{HttpResponse, web};
 use crate::key::Fingerprinter;
 use crate::limiter::{Backend, Fallback, Health};
 use crate::middleware::RateLimit;
-use crate::observe::{Board, Metrics, metrics};
+use crate::observe::{AccessLog, Board, Metrics, metrics};
 
 pub use auth::{Access, AdminToken, RequireAdmin};
 pub use rules::{LastReload, ReloadStatus};
@@ -50,6 +50,9 @@ pub struct Admin {
     /// What Redis failures do (`FLOODGATE_REDIS_FAILURE`), for the status
     /// page; unused by the memory backend.
     pub redis_failure: Fallback,
+    /// The access log, if it is on (`/metrics` reports the lines it
+    /// dropped).
+    pub access_log: Option<AccessLog>,
     /// Who may use `/rules`, `/limits/…` and the status page
     /// (`FLOODGATE_ADMIN_TOKEN`, else loopback peers only).
     pub access: Access,
@@ -124,9 +127,11 @@ async fn rules(admin: web::Data<Admin>) -> HttpResponse {
 }
 
 async fn metrics(admin: web::Data<Admin>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type(metrics::CONTENT_TYPE)
-        .body(admin.metrics.render(Some(admin.backend.clone())))
+    HttpResponse::Ok().content_type(metrics::CONTENT_TYPE).body(
+        admin
+            .metrics
+            .render_with(Some(admin.backend.clone()), admin.access_log.as_ref()),
+    )
 }
 /// `GET path` on a local admin listener, blocking, with short timeouts.
 /// Returns the status code. A wildcard address (`0.0.0.0`, `[::]`) is probed

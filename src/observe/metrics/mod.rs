@@ -74,6 +74,8 @@ pub mod names {
     pub const RULES_LAST_RELOAD_SUCCESS: &str = "floodgate_rules_last_reload_success";
     /// The running version.
     pub const BUILD: &str = "floodgate_build";
+    /// Access-log lines dropped because stdout did not keep up.
+    pub const ACCESS_LOG_DROPPED: &str = "floodgate_access_log_dropped";
 }
 
 /// The content type of [`Metrics::render`]'s text.
@@ -354,6 +356,16 @@ impl Metrics {
     /// The OpenMetrics text of every metric; `backend` (when given) adds
     /// what is read from it at scrape time: health, circuit, keys.
     pub fn render(self: &Arc<Self>, backend: Option<Arc<dyn Backend>>) -> String {
+        self.render_with(backend, None)
+    }
+
+    /// As [`render`](Self::render), adding the lines `access_log` dropped
+    /// (when there is an access log).
+    pub fn render_with(
+        self: &Arc<Self>,
+        backend: Option<Arc<dyn Backend>>,
+        access_log: Option<&super::AccessLog>,
+    ) -> String {
         let mut registry = Registry::default();
         registry.register(
             names::BUILD,
@@ -363,6 +375,7 @@ impl Metrics {
         registry.register_collector(Box::new(Scrape {
             metrics: self.clone(),
             backend,
+            access_log_dropped: access_log.map(super::AccessLog::dropped),
         }));
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
@@ -382,6 +395,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Scrape {
     metrics: Arc<Metrics>,
     backend: Option<Arc<dyn Backend>>,
+    access_log_dropped: Option<u64>,
 }
 
 impl fmt::Debug for Scrape {
@@ -543,6 +557,17 @@ impl Collector for Scrape {
             MetricType::Gauge,
         )?;
         ConstGauge::new(i64::from(m.last_reload_ok.load(Ordering::Relaxed))).encode(family)?;
+
+        if let Some(dropped) = self.access_log_dropped {
+            let family = encoder.encode_descriptor(
+                names::ACCESS_LOG_DROPPED,
+                "Access-log lines dropped because stdout did not keep up (or could not be \
+                 written).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(dropped).encode(family)?;
+        }
 
         if let Some(backend) = &self.backend {
             encode_backend(&mut encoder, &**backend)?;
