@@ -428,6 +428,7 @@ where
             let mut verdict = Verdict::new(rule.name.clone(), rule.is_shadow(global));
 
             let addr = client_addr(&req, &config.ip);
+            verdict.client = addr;
             if addr.is_some_and(|a| rule.is_denied(a, global)) {
                 log::debug!("denied rule={} addr={addr:?}", rule.name);
                 verdict.outcome = Outcome::Denied;

@@ -145,7 +145,7 @@ impl Floodgate {
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
         let fingerprints = Fingerprinter::new(settings.redis.prefix.as_bytes());
-        let board = Arc::new(Board::new(fingerprints.clone(), client_ip(&settings)));
+        let board = Arc::new(Board::new(fingerprints.clone()));
         let rate_limit = RateLimit::from_rules(backend.clone(), settings.policy.rules.clone())
             .client_ip(client_ip(&settings))
             .fingerprints(fingerprints.clone())

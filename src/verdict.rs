@@ -15,6 +15,7 @@
 //! # }
 //! ```
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +93,11 @@ pub struct Verdict {
     /// as its [`fingerprint`](Self::key_fingerprint) or redacted
     /// [`Display`](std::fmt::Display), never in clear.
     pub key: Option<RateKey>,
+    /// The client's address as the gate resolved it (trusted proxies
+    /// applied, before IPv6 grouping), when the request had a peer: resolved
+    /// once, for the deny list and the keys, and read again by the access
+    /// log and the status page.
+    pub client: Option<IpAddr>,
     /// How the decisions were made.
     pub decided_by: DecidedBy,
     /// What became of the request.
@@ -107,6 +113,7 @@ impl Verdict {
             limits: SmallVec::new(),
             refused_by: None,
             key: None,
+            client: None,
             decided_by: DecidedBy::NotAsked,
             outcome: Outcome::Allowed,
         }

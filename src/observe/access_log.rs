@@ -346,10 +346,12 @@ impl Drop for Pending {
             decision: verdict.map(|v| outcome_name(v.outcome)),
             decided_by: verdict.map(|v| decided_by_name(v.decided_by)),
             limit: verdict.and_then(Verdict::refusing).map(|l| l.limit.name()),
-            client: self
-                .req
-                .peer_addr()
-                .map(|peer| shared.ip.client_addr(peer.ip(), self.req.headers())),
+            // Resolved by the gate; only a request it never saw (a 413) is
+            // resolved here.
+            client: verdict.and_then(|v| v.client).or_else(|| {
+                let peer = self.req.peer_addr()?;
+                Some(shared.ip.client_addr(peer.ip(), self.req.headers()))
+            }),
             key: key.as_deref(),
         };
         self.log.write(&entry);
@@ -359,10 +361,7 @@ impl Drop for Pending {
 /// Whether `key` has a part that is neither an address nor the global key:
 /// a header value (or custom bytes), logged only as its fingerprint.
 fn is_secret(key: &RateKey) -> bool {
-    let global = RateKey::global();
-    key.parts()
-        .iter()
-        .any(|part| part.ip_addr().is_none() && *part != global)
+    key.parts().iter().any(|part| !part.is_plain())
 }
 
 /// The `decision` field.

@@ -25,17 +25,15 @@
 //! traffic. Clients are named by their key's stable id
 //! ([`RateKey::stable_id`]): an address in clear (`ip:192.0.2.1`), an API
 //! key or a composite only as its fingerprint (`h:…`, `c:…`); a rule keyed
-//! `global` names the resolved client address instead.
+//! `global` names the client address the gate resolved instead.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use actix_web::HttpRequest;
 use serde::Serialize;
 
-use crate::key::{ClientIp, Fingerprinter};
+use crate::key::Fingerprinter;
 use crate::limiter::RateKey;
 use crate::verdict::{Outcome, Verdict};
 
@@ -408,7 +406,6 @@ pub struct Board {
     /// Held only to count a refusal, or to read the top clients.
     top: Mutex<TopLimited>,
     fingerprints: Fingerprinter,
-    client_ip: ClientIp,
 }
 
 impl std::fmt::Debug for Board {
@@ -419,8 +416,8 @@ impl std::fmt::Debug for Board {
 
 impl Board {
     /// A board naming clients by `fingerprints` (as Redis key names do) and,
-    /// for globally keyed rules, by the address `client_ip` resolves.
-    pub fn new(fingerprints: Fingerprinter, client_ip: ClientIp) -> Self {
+    /// for globally keyed rules, by the address the gate resolved.
+    pub fn new(fingerprints: Fingerprinter) -> Self {
         let origin_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -432,14 +429,12 @@ impl Board {
             adding: Mutex::new(()),
             top: Mutex::new(TopLimited::new()),
             fingerprints,
-            client_ip,
         }
     }
 
     /// Records one answered request, answered at `at` (runs in
-    /// [`Observe`](super::Observe) for every request). `req` is read only
-    /// for a refusal by a globally keyed rule, to name its client.
-    pub fn record(&self, exchange: &Exchange<'_>, req: &HttpRequest, at: Instant) {
+    /// [`Observe`](super::Observe) for every request).
+    pub fn record(&self, exchange: &Exchange<'_>, at: Instant) {
         let Some(verdict) = exchange.verdict else {
             return;
         };
@@ -452,7 +447,7 @@ impl Board {
             Tally::Allowed | Tally::AllowListed => slot.ring.add(ALLOWED, sec),
             Tally::Limited => {
                 slot.ring.add(LIMITED, sec);
-                self.count_refusal(verdict.key.as_ref(), req, sec);
+                self.count_refusal(verdict, sec);
             }
             _ => {}
         }
@@ -532,19 +527,18 @@ impl Board {
         &self.overflow
     }
 
-    fn count_refusal(&self, key: Option<&RateKey>, req: &HttpRequest, sec: u32) {
+    fn count_refusal(&self, verdict: &Verdict, sec: u32) {
         let mut top = self.top.lock().unwrap_or_else(|e| e.into_inner());
         let top = &mut *top;
         top.scratch.clear();
-        if let Some(key) = key {
+        if let Some(key) = &verdict.key {
             key.write_stable_id(&self.fingerprints, &mut top.scratch);
         }
         if top.scratch.is_empty() || top.scratch == b"g" {
             // One budget for everyone: the client is who sent it.
             top.scratch.clear();
-            match req.peer_addr() {
-                Some(peer) => {
-                    let addr: IpAddr = self.client_ip.client_addr(peer.ip(), req.headers());
+            match verdict.client {
+                Some(addr) => {
                     RateKey::ip(addr).write_stable_id(&self.fingerprints, &mut top.scratch);
                 }
                 None => top.scratch.extend_from_slice(b"unknown"),

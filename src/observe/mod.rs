@@ -142,9 +142,7 @@ where
                 upstream: res.response().extensions().get::<UpstreamTiming>().copied(),
             };
             observe.metrics.answered(&exchange);
-            observe
-                .board
-                .record(&exchange, res.request(), started + exchange.elapsed);
+            observe.board.record(&exchange, started + exchange.elapsed);
             let upstream = exchange.upstream;
             drop(extensions);
             Ok(match access_log {
