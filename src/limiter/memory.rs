@@ -137,9 +137,16 @@ impl<C: Clock> MemoryBackend<C> {
         if key.is_plain() {
             return self.seed.hash_one(key);
         }
-        let mut id = Vec::with_capacity(super::MAX_STABLE_ID);
-        key.write_stable_id(&self.fingerprints, &mut id);
-        self.seed.hash_one(id.as_slice())
+        thread_local! {
+            // Reused, so naming a key costs no allocation per decision.
+            static ID: std::cell::RefCell<Vec<u8>> =
+                std::cell::RefCell::new(Vec::with_capacity(super::MAX_STABLE_ID));
+        }
+        ID.with_borrow_mut(|id| {
+            id.clear();
+            key.write_stable_id(&self.fingerprints, id);
+            self.seed.hash_one(id.as_slice())
+        })
     }
 
     /// Now, µs since the Unix epoch.
