@@ -96,8 +96,7 @@ impl Floodgate {
         let metrics = Arc::new(Metrics::default());
         let backend: Arc<dyn Backend> = match settings.backend {
             BackendKind::Memory => Arc::new(
-                MemoryBackend::new(settings.max_keys)
-                    .fingerprints(Fingerprinter::new(settings.redis.prefix.as_bytes())),
+                MemoryBackend::new(settings.max_keys).fingerprints(fingerprints(&settings)),
             ),
             BackendKind::Redis => {
                 let redis = &settings.redis;
@@ -144,7 +143,7 @@ impl Floodgate {
             .reuse_after_body(settings.upstream_reuse_after_body)
             .trust(settings.trusted_proxies.iter().copied());
         let upstream = upstream.metrics(metrics.clone());
-        let fingerprints = Fingerprinter::new(settings.redis.prefix.as_bytes());
+        let fingerprints = fingerprints(&settings);
         let board = Arc::new(Board::new(fingerprints.clone()));
         let rate_limit = RateLimit::from_rules(backend.clone(), settings.policy.rules.clone())
             .client_ip(client_ip(&settings))
@@ -202,6 +201,12 @@ impl Floodgate {
             }
         }
     }
+}
+
+/// How keys are fingerprinted: scoped by `FLOODGATE_REDIS_PREFIX`, as Redis
+/// key names are, so logs, admin answers and every replica agree.
+pub fn fingerprints(settings: &Settings) -> Fingerprinter {
+    Fingerprinter::new(settings.redis.prefix.as_bytes())
 }
 
 /// How client addresses are resolved: `FLOODGATE_TRUSTED_PROXIES` and
